@@ -1,0 +1,80 @@
+"""Forward passes that turn a causal LM into per-token log-probs.
+
+One function, `sequence_logprobs`, used by every stage that needs the log-prob of given tokens: the
+PPO/GRPO training forward (`Rollout.response_logprobs`), the reference model, DPO's chosen/rejected
+log-probs and evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_rlhf.core.ops import entropy_from_logits, logprobs_from_logits
+
+
+def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only: `(B, T)` mask -> `(B, T)` long.
+
+    `attention_mask.cumsum(-1) - 1` clamped at 0, so a left-padded row starts at position 0 on its
+    first real token (HF's default `arange` would start it at the number of pads).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    *,
+    logits_to_keep: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each next token under `softmax(logits / temperature)`.
+
+    Args:
+        model: a Hugging Face causal LM (or a peft wrapper of one) whose forward returns `.logits`.
+        input_ids: `(B, T)` long; any padding layout, real tokens marked by `attention_mask`.
+        attention_mask: `(B, T)`, 1 for real tokens.
+        position_ids: `(B, T)`; when None, `attention_mask.cumsum(-1) - 1` clamped at 0 (right for
+            left- and right-padded rows; packed rows must pass their own).
+        temperature: logits are divided by it before the softmax (the sampling temperature of the
+            rollout, so that the recorded log-probs are reproduced).
+        return_entropy: also return the entropy of that distribution at each position.
+        logits_to_keep: when > 0, only the last `logits_to_keep` labels are scored (the model's
+            `logits_to_keep` argument skips the LM head on the prefix); outputs are then
+            `(B, logits_to_keep)`. Use it for responses after long prompts.
+
+    Returns:
+        logprobs: `(B, T-1)` fp32, `logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1])`
+            (or `(B, logits_to_keep)`, the last columns of that). Values at padded positions are
+            meaningless; mask them with `attention_mask[:, 1:]`.
+        entropy: `(B, T-1)` fp32 (same columns), or None unless `return_entropy`.
+
+    The model's logits are the only vocab-sized tensor: `logprobs_from_logits` /
+    `entropy_from_logits` apply the temperature and the fp32 upcast chunk by chunk.
+    """
+    if temperature <= 0:
+        raise ValueError(f"sequence_logprobs: temperature must be > 0, got {temperature}")
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask)
+    labels = input_ids[:, 1:]  # (B, T-1)
+    kwargs = {}
+    if logits_to_keep > 0:
+        if logits_to_keep > labels.shape[1]:
+            raise ValueError(f"logits_to_keep={logits_to_keep} exceeds the {labels.shape[1]} labels of the batch")
+        # the last k labels need the logits of positions T-1-k .. T-2, i.e. the last k+1 minus the final one
+        kwargs["logits_to_keep"] = logits_to_keep + 1
+        labels = labels[:, -logits_to_keep:]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **kwargs,
+    ).logits[:, :-1]  # (B, T-1 | k, V) view; the last position predicts nothing we have
+    # temperature is applied chunk by chunk inside core's ops: no scaled copy of the logits
+    logprobs = logprobs_from_logits(logits, labels, temperature=temperature)
+    entropy = entropy_from_logits(logits, temperature=temperature) if return_entropy else None
+    return logprobs, entropy

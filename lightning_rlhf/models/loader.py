@@ -1,0 +1,251 @@
+"""One loader for every model a stage needs: policy, reference, critic and reward backbones.
+
+A model is named by a :class:`ModelSpec` (a folder plus how to load it), which LightningCLI turns into
+YAML::
+
+    model:
+      path: outputs/sft
+      dtype: bfloat16
+      gradient_checkpointing: true
+      lora: {r: 16, alpha: 32, target_modules: all-linear}
+      quantization: 4bit
+
+A folder that has a ``config.json`` but no weights (the shipped demo base) is built from its config
+with a fixed seed, so the untrained model is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (passed to ``peft.LoraConfig``)."""
+
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Scaling numerator: the update is scaled by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or ``all-linear``."""
+    modules_to_save: list[str] | None = None
+    """Extra modules trained in full and saved with the adapter (e.g. ``[score]`` for a reward head)."""
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from and how to load it."""
+
+    path: str = ""
+    """A Hugging Face model folder (or a folder with only ``config.json``: built from config)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype. Mixed precision is the Trainer's ``precision``; this is the storage dtype."""
+    lora: LoraSpec | None = None
+    """Train a LoRA adapter instead of the full model."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """Load the frozen base weights with bitsandbytes (QLoRA when combined with ``lora``)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    attn_implementation: str | None = None
+    """``sdpa`` (default), ``eager``, ... as transformers names them."""
+    seed: int = 0
+    """Seed for building a model from a config-only folder (and for new heads)."""
+    extra: dict = field(default_factory=dict)
+    """Other ``from_pretrained`` keyword arguments."""
+
+
+def as_spec(spec: ModelSpec | str | dict) -> ModelSpec:
+    if isinstance(spec, ModelSpec):
+        return spec
+    if isinstance(spec, (str, Path)):
+        return ModelSpec(path=str(spec))
+    spec = dict(spec)
+    if isinstance(spec.get("lora"), dict):
+        spec["lora"] = LoraSpec(**spec["lora"])
+    return ModelSpec(**spec)
+
+
+def has_weights(path: str | Path) -> bool:
+    p = Path(path)
+    return any((p / f).exists() for f in WEIGHT_FILES)
+
+
+def load_tokenizer(path: str | Path):
+    """An ``AutoTokenizer`` from a local folder, right padding, pad token set (EOS if it had none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _quantization_config(kind: str | None, dtype: torch.dtype):
+    if kind is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization must be '4bit', '8bit' or None, got {kind!r}")
+
+
+def _load(auto_cls, spec: ModelSpec, **kwargs) -> nn.Module:
+    from transformers import AutoConfig
+
+    if not spec.path:
+        raise ValueError("model path is empty: set `path` to a Hugging Face model folder")
+    path = Path(spec.path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json); nothing is downloaded at run time")
+    dtype = DTYPES[spec.dtype]
+    kwargs = dict(kwargs, **spec.extra)
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if not has_weights(path):
+        config = AutoConfig.from_pretrained(str(path), **{k: v for k, v in kwargs.items() if k == "num_labels"})
+        with _seeded(spec.seed):
+            model = auto_cls.from_config(config, dtype=dtype, **{k: v for k, v in kwargs.items() if k != "num_labels"})
+        if spec.quantization is None:
+            return model
+        # bitsandbytes quantises while loading weights: save the seeded init once, then load it.
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            return auto_cls.from_pretrained(
+                tmp, dtype=dtype, quantization_config=_quantization_config(spec.quantization, dtype), **kwargs
+            )
+    with _seeded(spec.seed):  # new heads (a reward model's score layer) are seeded too
+        return auto_cls.from_pretrained(
+            str(path), dtype=dtype, quantization_config=_quantization_config(spec.quantization, dtype), **kwargs
+        )
+
+
+class _seeded:
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.random.set_rng_state(self.state)
+
+
+def prepare(model: nn.Module, spec: ModelSpec, task_type: str) -> nn.Module:
+    """Apply gradient checkpointing, k-bit preparation and LoRA as the spec says."""
+    # ``from_pretrained`` returns eval mode, ``from_config`` train mode: a trainable model is in
+    # train mode either way (transformers only checkpoints activations in train mode).
+    model.train()
+    if spec.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.gradient_checkpointing:
+        model.config.use_cache = False
+    if spec.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = spec.lora
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            modules_to_save=lora.modules_to_save,
+            task_type=task_type,
+        )
+        model = get_peft_model(model, config)
+    elif spec.quantization is not None:
+        raise ValueError("a quantized model can only be trained through a LoRA adapter: set `lora` too")
+    return model
+
+
+def load_causal_lm(spec: ModelSpec | str | dict, *, trainable: bool = True) -> nn.Module:
+    """An ``AutoModelForCausalLM`` as the spec says; frozen (eval, no grad, no LoRA) if not trainable."""
+    from transformers import AutoModelForCausalLM
+
+    spec = as_spec(spec)
+    model = _load(AutoModelForCausalLM, spec)
+    if not trainable:
+        return freeze(model)
+    return prepare(model, spec, "CAUSAL_LM")
+
+
+def load_sequence_classifier(spec: ModelSpec | str | dict, *, trainable: bool = True) -> nn.Module:
+    """An ``AutoModelForSequenceClassification`` with one label (a reward model or critic backbone)."""
+    from transformers import AutoModelForSequenceClassification
+
+    spec = as_spec(spec)
+    model = _load(AutoModelForSequenceClassification, spec, num_labels=1)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if not trainable:
+        return freeze(model)
+    return prepare(model, spec, "SEQ_CLS")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, *, merge_lora: bool = True) -> Path:
+    """Write a Hugging Face folder ``transformers`` loads as is.
+
+    A LoRA model is merged into its base (a full model folder) when ``merge_lora`` and the base is
+    not quantized; otherwise the adapter folder is written (``peft`` loads it onto the base).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        quantized = getattr(model.base_model.model, "is_quantized", False) or getattr(
+            model.base_model.model, "is_loaded_in_4bit", False
+        )
+        if merge_lora and not quantized:
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(out)
+        else:
+            model.save_pretrained(out)
+    else:
+        model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def spec_dict(spec: ModelSpec) -> dict:
+    return asdict(spec)

@@ -1,0 +1,146 @@
+"""The critic of PPO: a transformer backbone plus a scalar value head, read at every position.
+
+Two layouts, one output convention:
+
+- **Separate critic** (default): a one-label ``AutoModelForSequenceClassification``, i.e. a
+  backbone plus a linear ``score`` head. Loaded from the reward model's folder (InstructGPT's
+  choice: the critic starts out knowing what is rewarded) or from the policy's (a fresh head).
+  :func:`sequence_values` reads the head's per-token output with a forward hook, so the whole model
+  runs (peft / FSDP wrappers keep their hooks).
+- **Shared backbone**: a :class:`ValueHead` on the policy's own last hidden state, for small memory
+  budgets. :func:`logprobs_and_values` runs the policy once and returns log-probs and values.
+
+Values follow the log-prob alignment of :func:`~lightning_rlhf.models.forward.sequence_logprobs`:
+column ``t`` of the ``(B, T-1)`` output is ``V(s_t)``, the value of the prefix ``input_ids[:, :t+1]``,
+i.e. of the state in which token ``t+1`` is chosen. So the value of response token ``j`` sits in the
+same column as its log-prob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lightning_rlhf.models.forward import default_position_ids, sequence_logprobs
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_size(model: nn.Module) -> int:
+    return hf_model(model).config.get_text_config().hidden_size
+
+
+class ValueHead(nn.Module):
+    """Scalar value head ``(..., H) -> (...)`` on a backbone's last hidden state.
+
+    Zero-initialised: the critic starts at V = 0 everywhere, so the first advantages are the
+    (whitened) returns themselves rather than returns minus noise from a random head.
+    """
+
+    def __init__(self, hidden: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.summary = nn.Linear(hidden, 1, dtype=dtype)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1).float()
+
+
+def _score_head(model: nn.Module) -> nn.Module:
+    hf = hf_model(model)
+    head = getattr(hf, "score", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(
+            f"sequence_values: {type(hf).__name__} has no `score` head; the critic must be a one-label "
+            "AutoModelForSequenceClassification of a decoder model"
+        )
+    return head
+
+
+@contextlib.contextmanager
+def _capture_output(module: nn.Module) -> Iterator[list]:
+    """Collect what ``module`` returns during the block (a forward hook, removed after)."""
+    captured: list = []
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def sequence_values(
+    critic: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    values_to_keep: int = 0,
+) -> torch.Tensor:
+    """Per-position values of a one-label sequence classifier (the separate critic).
+
+    Args:
+        critic: ``AutoModelForSequenceClassification`` with one label (or a peft wrapper of one).
+        input_ids: ``(B, T)`` long, any padding layout.
+        attention_mask: ``(B, T)``, 1 for real tokens.
+        position_ids: ``(B, T)``; default ``attention_mask.cumsum(-1) - 1`` (as the rollout).
+        values_to_keep: when > 0, only the last ``values_to_keep`` columns are returned (the
+            response of a rollout).
+
+    Returns:
+        ``(B, T-1)`` fp32 (or ``(B, values_to_keep)``): column ``t`` is the value of the prefix
+        ending at token ``t``, aligned with ``sequence_logprobs``' column for token ``t+1``. Keeps
+        gradients unless called under ``torch.no_grad()``.
+    """
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask)
+    with _capture_output(_score_head(critic)) as captured:
+        critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    per_token = captured[-1]  # (B, T, 1)
+    if per_token.shape[-1] != 1:
+        raise ValueError(f"sequence_values: the critic has {per_token.shape[-1]} labels, expected 1")
+    values = per_token[:, :-1, 0].float()  # (B, T-1)
+    return values[:, -values_to_keep:] if values_to_keep > 0 else values
+
+
+def logprobs_and_values(
+    policy: nn.Module,
+    value_head: ValueHead,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    *,
+    logits_to_keep: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One forward of a causal LM giving log-probs (as ``sequence_logprobs``) and the values of a
+    :class:`ValueHead` on its backbone's last hidden state (the shared-backbone critic).
+
+    Returns:
+        ``(logprobs, entropy | None, values)``, each ``(B, T-1)`` fp32 (or the last
+        ``logits_to_keep`` columns), aligned column by column.
+    """
+    backbone = hf_model(policy).base_model  # e.g. LlamaModel: its output is the final-norm hidden state
+    with _capture_output(backbone) as captured:
+        logprobs, entropy = sequence_logprobs(
+            policy,
+            input_ids,
+            attention_mask,
+            position_ids,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            logits_to_keep=logits_to_keep,
+        )
+    out = captured[-1]
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+    hidden = hidden[:, :-1]  # (B, T-1, H): position t predicts token t+1
+    if logits_to_keep > 0:
+        hidden = hidden[:, -logits_to_keep:]
+    return logprobs, entropy, value_head(hidden)

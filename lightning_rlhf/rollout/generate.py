@@ -1,0 +1,304 @@
+"""Batched sampling with a KV cache, and the `Rollout` it returns.
+
+Our own loop rather than `model.generate`: it records the fp32 log-prob of every sampled token under
+exactly the distribution a training forward recomputes (`softmax(logits / temperature)`, no top-k /
+top-p renormalisation), lays out `num_samples` rows per prompt consecutively for GRPO groups, and
+returns explicit masks (pad may equal eos) instead of inferring them from pad ids.
+
+Layout: prompts are left-padded internally so that every row's next token sits in the last column;
+position ids count real tokens only (`mask.cumsum(-1) - 1`), so a prompt gets the same positions,
+hence the same logits, whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from lightning_rlhf.models.forward import default_position_ids, sequence_logprobs
+
+
+@dataclass
+class Rollout:
+    """Sampled responses of a prompt batch; rows = prompts x samples.
+
+    Row `i` comes from prompt `prompt_index[i]`; the `num_samples` rows of one prompt are consecutive.
+    All tensors share the device of the prompt batch.
+    """
+
+    prompt_ids: torch.Tensor  # (N, P) long, LEFT-padded, P = longest prompt
+    prompt_mask: torch.Tensor  # (N, P) long, 1 for real prompt tokens
+    response_ids: torch.Tensor  # (N, R) long, right-padded with pad_token_id, R = longest response
+    response_mask: torch.Tensor  # (N, R) long, 1 for generated tokens incl. the EOS
+    logprobs: torch.Tensor  # (N, R) fp32, log-prob of each sampled token under softmax(logits / T); 0 off mask
+    finished: torch.Tensor  # (N,) bool, the row emitted EOS (False = cut at max_new_tokens)
+    prompt_index: torch.Tensor  # (N,) long, row of the prompt batch each row was sampled from
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """`(N,)` long, number of generated tokens per row (incl. EOS)."""
+        return self.response_mask.sum(-1)
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs of the training forward: `input_ids`, `attention_mask`, `position_ids`, each `(N, P+R)`.
+
+        Prompt (left-padded) then response (right-padded); positions count real tokens, as during
+        sampling, so the forward reproduces the sampling logits.
+        """
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)  # (N, P+R)
+        attention_mask = torch.cat([self.prompt_mask, self.response_mask], dim=1)  # (N, P+R)
+        return input_ids, attention_mask, default_position_ids(attention_mask)
+
+    def response_logprobs(
+        self, model: torch.nn.Module, temperature: float = 1.0, return_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropy) of the response tokens under `model`, with one forward.
+
+        Returns `(N, R)` fp32 log-probs and `(N, R)` entropy (or None), 0 outside `response_mask`.
+        Keeps gradients unless called under `torch.no_grad()` (reference / old-policy log-probs).
+        The LM head runs on the response positions only.
+        """
+        input_ids, attention_mask, position_ids = self.sequences()
+        response_len = self.response_ids.shape[1]
+        logprobs, entropy = sequence_logprobs(
+            model,
+            input_ids,
+            attention_mask,
+            position_ids,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            logits_to_keep=response_len,
+        )  # (N, R): label t is response token t
+        off = self.response_mask == 0
+        logprobs = logprobs.masked_fill(off, 0.0)
+        if entropy is not None:
+            entropy = entropy.masked_fill(off, 0.0)
+        return logprobs, entropy
+
+    def select(self, idx: torch.Tensor | Sequence[int] | slice) -> Rollout:
+        """Row subset (a mini-batch); `idx` is a slice, a list of ints, a long or a bool tensor."""
+        if isinstance(idx, slice):
+            return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        idx = torch.as_tensor(idx, device=self.prompt_ids.device)
+        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def decode_responses(self, tokenizer, skip_special_tokens: bool = True) -> list[str]:
+        """The completions as text (tokens off `response_mask` dropped), one per row."""
+        return [
+            tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=skip_special_tokens)
+            for ids, mask in zip(self.response_ids, self.response_mask, strict=True)
+        ]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own previous mode.
+
+    Restoring per module (rather than `model.train(was_training)`) keeps submodules that were
+    deliberately in eval mode (frozen parts) as they were.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def left_pad(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the right end: `(B, T)` -> `(B, P)` with P = longest row.
+
+    Works for any padding layout (a stable sort of the mask keeps the order of real tokens).
+    """
+    mask = attention_mask.long()
+    order = torch.sort(mask, dim=1, stable=True).indices  # pads first, real tokens after, in order
+    ids = input_ids.gather(1, order)
+    mask = mask.gather(1, order)
+    width = int(mask.sum(-1).max())
+    ids, mask = ids[:, ids.shape[1] - width :], mask[:, mask.shape[1] - width :]
+    return ids.masked_fill(mask == 0, pad_token_id), mask
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf the logits outside the top-k and outside the top-p nucleus: `(N, V)` -> `(N, V)`.
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches `top_p` (always >= 1 token).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # (N, V), mass of the strictly more likely tokens
+        remove = mass_before >= top_p  # the kept set already reaches top_p
+        remove[:, 0] = False
+        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampling step: `(N, V)` logits -> tokens `(N,)` long, their fp32 log-probs `(N,)`.
+
+    The log-prob is taken under `softmax(logits / temperature)` before top-k/top-p (temperature 1 for
+    greedy, temperature == 0), which is what a training forward at that temperature recomputes.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        logprobs = logits.log_softmax(-1)
+    else:
+        logits = logits / temperature
+        logprobs = logits.log_softmax(-1)
+        probs = filter_logits(logits, top_k, top_p).softmax(-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(_hf_model(model).forward).parameters)
+
+
+def _last_logits_and_cache(out) -> tuple[torch.Tensor, object]:
+    """`(N, V)` logits of the last position (a copy, so the full logits can go) and the KV cache."""
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    return out.logits[:, -1].clone(), cache
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample `num_samples` responses per prompt with the model's KV cache.
+
+    Args:
+        model: a transformers causal LM (or a peft wrapper), any dtype; put in eval mode for the loop
+            and each submodule restored to its previous mode after.
+        input_ids: `(B, T)` prompt tokens, right-padded (any layout works; real tokens are those with
+            `attention_mask == 1`, in order). Every prompt needs at least one token.
+        attention_mask: `(B, T)`.
+        max_new_tokens: most tokens generated per row.
+        temperature: sampling temperature; 0 = greedy (log-probs then recorded at temperature 1).
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass (1.0 = off).
+        num_samples: rows per prompt, consecutive in the output.
+        eos_token_id: one id or a list; a row stops after emitting one (the EOS is kept, masked 1).
+        pad_token_id: filler for prompt left-padding and for response tokens after a row stops.
+        generator: random generator on the model's device, for reproducible sampling.
+
+    Returns:
+        a `Rollout` with N = B * num_samples rows; its tensors are constants (no autograd graph).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if num_samples < 1:
+        raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in [0, 1], got {top_p}")
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(
+            f"generate: input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+            "must both be (B, T)"
+        )
+    empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"generate: prompts at batch rows {empty} have no tokens (attention_mask all 0)")
+
+    device = input_ids.device
+    eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    prompt_ids, prompt_mask = left_pad(input_ids, attention_mask, pad_token_id)  # (B, P)
+    prompt_index = torch.arange(input_ids.shape[0], device=device).repeat_interleave(num_samples)  # (N,)
+    prompt_ids, prompt_mask = prompt_ids[prompt_index], prompt_mask[prompt_index]  # (N, P)
+    n, p = prompt_ids.shape
+
+    params = _forward_params(model)
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.? renamed it
+    prefill_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    # Mask of the whole sequence, filled one column per step; the model sees the first p + t columns.
+    mask = torch.zeros(n, p + max_new_tokens, dtype=torch.long, device=device)
+    mask[:, :p] = prompt_mask
+    tokens, logprobs, response_mask = [], [], []
+    alive = torch.ones(n, dtype=torch.bool, device=device)  # (N,) still generating
+    finished = torch.zeros(n, dtype=torch.bool, device=device)  # (N,) emitted EOS
+    next_pos = prompt_mask.sum(-1, keepdim=True)  # (N, 1) position of the next token = real tokens so far
+
+    with eval_mode(model):
+        logits, cache = _last_logits_and_cache(
+            model(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                position_ids=default_position_ids(prompt_mask),
+                use_cache=True,
+                **prefill_kw,
+            )
+        )
+        for t in range(max_new_tokens):
+            tok, lp = sample_next(logits, temperature, top_k, top_p, generator)  # (N,), (N,)
+            tok = tok.masked_fill(~alive, pad_token_id)
+            tokens.append(tok)
+            logprobs.append(lp.masked_fill(~alive, 0.0))
+            response_mask.append(alive)
+            is_eos = torch.isin(tok, eos) & alive
+            finished |= is_eos
+            mask[:, p + t] = alive.long()  # the token just sampled is real for the rows that sampled it
+            alive = alive & ~is_eos
+            if t == max_new_tokens - 1 or not bool(alive.any()):
+                break
+            logits, cache = _last_logits_and_cache(
+                model(
+                    input_ids=tok[:, None],
+                    attention_mask=mask[:, : p + t + 1],
+                    position_ids=next_pos,
+                    use_cache=True,
+                    **{cache_kw: cache},
+                )
+            )
+            next_pos = next_pos + 1
+
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=torch.stack(tokens, 1),  # (N, R)
+        response_mask=torch.stack(response_mask, 1).long(),  # (N, R)
+        logprobs=torch.stack(logprobs, 1),  # (N, R) fp32
+        finished=finished,
+        prompt_index=prompt_index,
+    )

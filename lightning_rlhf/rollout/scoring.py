@@ -1,0 +1,259 @@
+"""Scorers: turn a `Rollout` (and its text) into one scalar reward per row.
+
+Every scorer is called the same way,
+
+    rewards, parts = scorer(rollout, prompts, completions, extra)
+
+with `prompts`, `completions` and `extra` (the dataset's other columns, a dict per row) given per
+rollout row (the rows of one prompt repeat its prompt and columns), and returns `rewards (N,)` fp32
+plus `parts`, a dict `{name: (N,)}` of the components for logging (`rollout/reward/<name>`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from lightning_rlhf.models.forward import default_position_ids
+from lightning_rlhf.rollout.generate import Rollout, _hf_model, eval_mode
+
+ScoreOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+class Scorer(Protocol):
+    def __call__(
+        self, rollout: Rollout, prompts: list, completions: list[str], extra: list[dict]
+    ) -> ScoreOutput: ...
+
+
+def _check_rows(name: str, rollout: Rollout, prompts: list, completions: list[str], extra: list[dict]) -> int:
+    n = len(rollout)
+    if not len(prompts) == len(completions) == len(extra) == n:
+        raise ValueError(
+            f"{name}: got {len(prompts)} prompts, {len(completions)} completions and {len(extra)} extra "
+            f"dicts for a rollout of {n} rows; pass one of each per rollout row"
+        )
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward model
+
+
+def _score_head(model: torch.nn.Module) -> torch.nn.Module:
+    hf = _hf_model(model)
+    for attr in ("score", "classifier"):
+        head = getattr(hf, attr, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise ValueError(
+        f"last_token_scores: {type(hf).__name__} has no `score` (or `classifier`) head; expected an "
+        "AutoModelForSequenceClassification of a decoder model"
+    )
+
+
+def last_token_scores(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scalar score of each sequence, read at its last real token: `(B, T)` -> `(B,)` fp32.
+
+    `model` is a one-label `AutoModelForSequenceClassification` (or a peft wrapper of one). The last
+    real token is found from `attention_mask` (any padding layout), never from pad ids:
+    transformers' own pooling looks for the last token != pad_token_id, which is wrong when pad ==
+    eos. We call the whole model (so FSDP / peft wrappers run their hooks) and gather from the
+    per-token output of its `score` head, caught with a forward hook.
+
+    Keeps gradients (the reward-model stage trains through it); wrap in `torch.no_grad()` to score.
+    """
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask)
+    batch, length = input_ids.shape
+    last = length - 1 - attention_mask.long().flip(-1).argmax(-1)  # (B,) index of the last real token
+    head = _score_head(model)
+    hf = _hf_model(model)
+    pad_id = getattr(hf.config.get_text_config(), "pad_token_id", None)
+    if pad_id is None and batch > 1:
+        # transformers' pooling refuses batches without a pad id; run backbone + head ourselves
+        hidden = hf.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, H)
+        per_token = head(hidden[torch.arange(batch, device=hidden.device), last])  # (B, L)
+    else:
+        captured: list[torch.Tensor] = []
+        hook = head.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        finally:
+            hook.remove()
+        per_token = captured[-1]  # (B, T, L)
+        per_token = per_token[torch.arange(batch, device=per_token.device), last.to(per_token.device)]  # (B, L)
+    if per_token.shape[-1] != 1:
+        raise ValueError(f"last_token_scores: the reward model has {per_token.shape[-1]} labels, expected 1")
+    return per_token[:, 0].float()
+
+
+class RewardModelScorer:
+    """Score prompt+response ids with a sequence classifier sharing the policy's tokenizer.
+
+    Args:
+        model: one-label `AutoModelForSequenceClassification` (frozen; run in eval mode, no grad).
+        batch_size: rows per forward (None = all rows at once).
+        name: key of its scores in the parts dict.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_size: int | None = None, name: str = "reward_model"):
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"RewardModelScorer: batch_size must be >= 1 or None, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.name = name
+
+    def __call__(
+        self,
+        rollout: Rollout,
+        prompts: list | None = None,
+        completions: list[str] | None = None,
+        extra: list[dict] | None = None,
+    ) -> ScoreOutput:
+        """Scores from the ids alone; the text arguments are accepted for the common signature."""
+        input_ids, attention_mask, position_ids = rollout.sequences()  # (N, P+R)
+        n = input_ids.shape[0]
+        step = self.batch_size or n
+        with torch.no_grad(), eval_mode(self.model):
+            scores = torch.cat(
+                [
+                    last_token_scores(
+                        self.model, input_ids[i : i + step], attention_mask[i : i + step], position_ids[i : i + step]
+                    )
+                    for i in range(0, n, step)
+                ]
+            )  # (N,) fp32
+        return scores, {self.name: scores}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward functions
+
+
+def import_function(path: str) -> Callable:
+    """`"pkg.module.func"` (or `"pkg.module:func"`) -> the function."""
+    module_name, sep, attr = path.rpartition(":") if ":" in path else path.rpartition(".")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {path!r}: expected an import path 'pkg.module.func'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward function {path!r}: cannot import module {module_name!r}: {err}") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {path!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _function_name(fn: Callable) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _to_values(name: str, out: Any, n: int) -> list[float | None]:
+    """Validate a reward function's output: n numbers or None."""
+    if isinstance(out, torch.Tensor):
+        out = out.detach().flatten().tolist()
+    if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
+        raise ValueError(f"reward function {name!r} returned {type(out).__name__}; expected a list of {n} floats")
+    if len(out) != n:
+        raise ValueError(f"reward function {name!r} returned {len(out)} values for {n} completions")
+    values = []
+    for i, v in enumerate(out):
+        if v is not None and not isinstance(v, numbers.Real):
+            raise ValueError(
+                f"reward function {name!r} returned {v!r} ({type(v).__name__}) at position {i}; "
+                "expected a float or None"
+            )
+        values.append(None if v is None else float(v))
+    return values
+
+
+class RewardFunctionScorer:
+    """Weighted sum of Python reward functions, TRL-style.
+
+    Each function is called as `fn(prompts=list, completions=list[str], **columns)`, where `columns`
+    are the extra dataset columns as lists (one entry per rollout row, None where a row lacks it), and
+    returns one float or None per completion. None means "not applicable": it contributes 0 to the
+    reward and shows as NaN in that function's entry of the parts dict (log it with `nanmean`).
+
+    Args:
+        functions: callables, or import paths `"pkg.module.func"`.
+        weights: one per function (default all 1).
+    """
+
+    def __init__(self, functions: Sequence[Callable | str], weights: Sequence[float] | None = None):
+        if not functions:
+            raise ValueError("RewardFunctionScorer: give at least one reward function")
+        self.functions = [import_function(f) if isinstance(f, str) else f for f in functions]
+        for f, fn in zip(functions, self.functions, strict=True):
+            if not callable(fn):
+                raise ValueError(f"RewardFunctionScorer: {f!r} is not callable")
+        if weights is None:
+            weights = [1.0] * len(self.functions)
+        if len(weights) != len(self.functions):
+            raise ValueError(
+                f"RewardFunctionScorer: {len(weights)} weights for {len(self.functions)} reward functions"
+            )
+        self.weights = [float(w) for w in weights]
+        names = [_function_name(fn) for fn in self.functions]
+        self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+    def __call__(self, rollout: Rollout, prompts: list, completions: list[str], extra: list[dict]) -> ScoreOutput:
+        n = _check_rows("RewardFunctionScorer", rollout, prompts, completions, extra)
+        keys = list(dict.fromkeys(k for row in extra for k in row if k not in ("prompts", "completions")))
+        columns = {k: [row.get(k) for row in extra] for k in keys}
+        device = rollout.prompt_ids.device
+        rewards = torch.zeros(n, dtype=torch.float32)
+        parts, applicable = {}, torch.zeros(n, dtype=torch.bool)
+        for name, fn, weight in zip(self.names, self.functions, self.weights, strict=True):
+            values = _to_values(name, fn(prompts=list(prompts), completions=list(completions), **columns), n)
+            part = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)  # (N,)
+            applicable |= ~part.isnan()
+            rewards += weight * part.nan_to_num(nan=0.0)
+            parts[name] = part.to(device)
+        if not bool(applicable.all()):
+            rows = (~applicable).nonzero().flatten().tolist()
+            warnings.warn(
+                f"RewardFunctionScorer: every reward function returned None for rows {rows[:10]}"
+                f"{' ...' if len(rows) > 10 else ''}; their reward is 0",
+                stacklevel=2,
+            )
+        return rewards.to(device), parts
+
+
+class CompositeScorer:
+    """Weighted sum of scorers; parts are merged (a repeated name gets a `_<i>` suffix)."""
+
+    def __init__(self, scorers: Sequence[Scorer], weights: Sequence[float] | None = None):
+        if not scorers:
+            raise ValueError("CompositeScorer: give at least one scorer")
+        if weights is None:
+            weights = [1.0] * len(scorers)
+        if len(weights) != len(scorers):
+            raise ValueError(f"CompositeScorer: {len(weights)} weights for {len(scorers)} scorers")
+        self.scorers = list(scorers)
+        self.weights = [float(w) for w in weights]
+
+    def __call__(self, rollout: Rollout, prompts: list, completions: list[str], extra: list[dict]) -> ScoreOutput:
+        _check_rows("CompositeScorer", rollout, prompts, completions, extra)
+        total, parts = None, {}
+        for i, (scorer, weight) in enumerate(zip(self.scorers, self.weights, strict=True)):
+            rewards, sub = scorer(rollout, prompts, completions, extra)
+            total = weight * rewards if total is None else total + weight * rewards
+            for name, value in sub.items():
+                parts[name if name not in parts else f"{name}_{i}"] = value
+        return total, parts
