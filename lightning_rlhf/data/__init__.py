@@ -1,0 +1,42 @@
+"""Data layer: record formats -> tokenised examples -> collators -> ``RLHFDataModule``.
+
+See docs/internals.md (section data/) for the batch contract.
+"""
+
+from lightning_rlhf.data.collate import (
+    PreferenceCollator,
+    PromptCollator,
+    SFTCollator,
+    model_inputs,
+    pack,
+    pad,
+)
+from lightning_rlhf.data.datamodule import RLHFDataModule
+from lightning_rlhf.data.records import (
+    DataFormatError,
+    Where,
+    detect_format,
+    load_records,
+    parse_record,
+    read_records,
+)
+from lightning_rlhf.data.tokenize import ChatTemplateError, Encoder, tokenize_records
+
+__all__ = [
+    "ChatTemplateError",
+    "DataFormatError",
+    "Encoder",
+    "PreferenceCollator",
+    "PromptCollator",
+    "RLHFDataModule",
+    "SFTCollator",
+    "Where",
+    "detect_format",
+    "load_records",
+    "model_inputs",
+    "pack",
+    "pad",
+    "parse_record",
+    "read_records",
+    "tokenize_records",
+]

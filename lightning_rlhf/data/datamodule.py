@@ -1,0 +1,237 @@
+"""``RLHFDataModule``: one LightningDataModule for every stage (sft, preference, prompt batches)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_rlhf.data.collate import PreferenceCollator, PromptCollator, SFTCollator, pack
+from lightning_rlhf.data.records import DataFormatError, Where, read_records
+from lightning_rlhf.data.tokenize import tokenize_records
+
+log = logging.getLogger(__name__)
+
+Paths = str | os.PathLike | Sequence[str]
+
+
+class RLHFDataModule(L.LightningDataModule):
+    """Loads, validates and tokenises records once, and serves the batches a stage asks for.
+
+    Works under a ``lightning.Trainer`` / ``LightningCLI`` (DDP included: the Trainer adds its
+    ``DistributedSampler``) and standalone: call ``dm.setup("fit")`` and use
+    ``dm.train_dataloader()`` in your own (e.g. Fabric) loop -- then ``kind`` and ``tokenizer``
+    must be given.
+
+    Args:
+        train_files: training records: JSONL / JSON / Parquet files or ``datasets`` folders
+            (``"folder:split"`` picks a split), or a list of them.
+        val_files: validation records (same forms). None: use ``val_split``.
+        val_split: fraction of the training records held out for validation when ``val_files``
+            is None (deterministic given ``seed``; at least one record when > 0). 0: no validation.
+        kind: batch kind: ``"sft"``, ``"preference"`` or ``"prompt"``. None: the
+            ``data_kind`` attribute of the Trainer's LightningModule.
+        tokenizer: path of a Hugging Face tokenizer folder. None: the ``tokenizer`` attribute
+            of the Trainer's LightningModule (a tokenizer or a path).
+        batch_size: training batch size (records; with ``packing``, packed rows).
+        eval_batch_size: validation batch size. None: ``batch_size``.
+        max_length: most tokens of prompt + completion (and the length of a packed row).
+        max_prompt_length: most prompt tokens for preference and prompt batches.
+        truncation: over-long records: ``"error"`` (raise, naming the record), ``"skip"`` (drop),
+            or ``"truncate"`` (cut the completion's end; for prompts keep their end). Counts are
+            logged once and kept in ``stats``.
+        on_bad_record: invalid records: ``"error"`` (raise, naming file, record and field) or
+            ``"skip"`` (drop, count in ``stats``, log once).
+        completion_only_loss: SFT ``loss_mask`` covers completion tokens only (incl. EOS); False:
+            every token but the first of each example.
+        packing: pack SFT training examples into rows of ``max_length`` tokens (first-fit
+            decreasing, once at setup); attention never crosses examples (see ``data.model_inputs``).
+            Validation batches are not packed.
+        shuffle: shuffle training batches each epoch.
+        seed: seed of the validation split and of the training shuffle.
+        num_workers: DataLoader workers.
+        drop_last: drop the last incomplete training batch.
+
+    Attributes (after ``setup``):
+        train_records, val_records: the raw records (dicts) of each split.
+        train_examples, val_examples: the tokenised examples.
+        stats: ``{"train": {...}, "val": {...}}`` with counts ``records``, ``examples``,
+            ``truncated``, ``skipped_too_long``, ``skipped_bad`` (and ``packed_rows`` when packing).
+    """
+
+    def __init__(
+        self,
+        train_files: str | list[str],
+        val_files: str | list[str] | None = None,
+        val_split: float = 0.0,
+        kind: Literal["sft", "preference", "prompt"] | None = None,
+        tokenizer: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        truncation: Literal["error", "skip", "truncate"] = "error",
+        on_bad_record: Literal["error", "skip"] = "error",
+        completion_only_loss: bool = True,
+        packing: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        drop_last: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= val_split < 1.0:
+            raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+        if truncation not in ("error", "skip", "truncate"):
+            raise ValueError(f"truncation must be 'error', 'skip' or 'truncate', got {truncation!r}")
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        if kind not in (None, "sft", "preference", "prompt"):
+            raise ValueError(f"kind must be 'sft', 'preference', 'prompt' or None, got {kind!r}")
+        self.train_files = train_files
+        self.val_files = val_files
+        self.val_split = val_split
+        self.kind = kind
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.truncation = truncation
+        self.on_bad_record = on_bad_record
+        self.completion_only_loss = completion_only_loss
+        self.packing = packing
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+
+        self.train_records: list[dict] | None = None
+        self.val_records: list[dict] | None = None
+        self.train_examples: list[Any] | None = None
+        self.val_examples: list[Any] | None = None
+        self.stats: dict[str, dict[str, int]] = {}
+        self._collate = None
+
+    # ------------------------------------------------------------------------------- resolution
+
+    def _module_attr(self, name: str, arg: str) -> Any:
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if module is None or getattr(module, name, None) is None:
+            raise ValueError(
+                f"RLHFDataModule: `{arg}` is None and there is no Trainer LightningModule with a "
+                f"`{name}` attribute to take it from; pass {arg}=... when using the data module standalone"
+            )
+        return getattr(module, name)
+
+    def _resolve(self) -> tuple[str, Any]:
+        kind = self.kind or self._module_attr("data_kind", "kind")
+        if kind not in ("sft", "preference", "prompt"):
+            raise ValueError(f"data kind must be 'sft', 'preference' or 'prompt', got {kind!r}")
+        tok = self.tokenizer if self.tokenizer is not None else self._module_attr("tokenizer", "tokenizer")
+        if isinstance(tok, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(os.fspath(tok))
+        if tok.pad_token_id is None:
+            log.info("tokenizer has no pad token: padding with eos (masks are explicit, so this is safe)")
+            tok.pad_token = tok.eos_token
+        if kind == "preference" and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length}) "
+                "to leave room for the completions"
+            )
+        return kind, tok
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def _read(self, files: Any) -> tuple[list[dict], list[Where], int]:
+        errors: list[DataFormatError] | None = [] if self.on_bad_record == "skip" else None
+        records, wheres = read_records(files, errors=errors)
+        return records, wheres, len(errors or [])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples is not None:  # load and tokenise once
+            return
+        kind, tok = self._resolve()
+        self.resolved_kind, self.resolved_tokenizer = kind, tok
+        records, wheres, unreadable = self._read(self.train_files)
+        if self.val_files is not None:
+            val_records, val_wheres, val_unreadable = self._read(self.val_files)
+        elif self.val_split > 0:
+            order = list(range(len(records)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, round(self.val_split * len(records)))
+            val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+            val_records, val_wheres = [records[i] for i in val_idx], [wheres[i] for i in val_idx]
+            records, wheres = [records[i] for i in train_idx], [wheres[i] for i in train_idx]
+            val_unreadable = 0
+        else:
+            val_records, val_wheres, val_unreadable = [], [], 0
+
+        options = dict(
+            max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length,
+            truncation=self.truncation,
+            on_bad_record=self.on_bad_record,
+            completion_only_loss=self.completion_only_loss,
+        )
+        train_examples, train_stats = tokenize_records(records, wheres, kind, tok, name="train", **options)
+        val_examples, val_stats = tokenize_records(val_records, val_wheres, kind, tok, name="val", **options)
+        for stats, n in ((train_stats, unreadable), (val_stats, val_unreadable)):
+            stats["records"] += n
+            stats["skipped_bad"] += n
+        if not train_examples:
+            raise DataFormatError(f"{self.train_files}: no usable training records ({train_stats})")
+
+        if kind == "sft" and self.packing:
+            rows = pack([len(ex["input_ids"]) for ex in train_examples], self.max_length, "ffd")
+            train_examples = [[train_examples[i] for i in row] for row in rows]
+            train_stats["packed_rows"] = len(rows)
+
+        self.train_records, self.val_records = records, val_records
+        self.train_examples, self.val_examples = train_examples, val_examples
+        self.stats = {"train": train_stats, "val": val_stats}
+        pad_id = tok.pad_token_id
+        self._collate = {
+            "sft": SFTCollator(pad_id),
+            "preference": PreferenceCollator(pad_id),
+            "prompt": PromptCollator(pad_id),
+        }[kind]
+
+    # ------------------------------------------------------------------------------ dataloaders
+
+    def _check_setup(self) -> None:
+        if self.train_examples is None:
+            raise RuntimeError("RLHFDataModule: call setup() before asking for dataloaders")
+
+    def train_dataloader(self) -> DataLoader:
+        self._check_setup()
+        return DataLoader(
+            self.train_examples,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+            generator=torch.Generator().manual_seed(self.seed) if self.shuffle else None,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        self._check_setup()
+        if not self.val_examples:
+            return []
+        return DataLoader(
+            self.val_examples,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+        )

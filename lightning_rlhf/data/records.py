@@ -1,0 +1,355 @@
+"""Reading records from disk, detecting their format and validating them.
+
+A record is a plain dict. The formats are TRL's:
+
+============================  =====================================================
+format                        fields
+============================  =====================================================
+language modelling            ``text``
+prompt/completion             ``prompt``, ``completion`` (str, or lists of messages)
+conversational                ``messages`` (list of ``{"role", "content"}``)
+preference (explicit)         ``prompt``, ``chosen``, ``rejected`` (+ ``margin``)
+preference (implicit)         ``chosen``, ``rejected`` (full texts or conversations)
+prompt-only                   ``prompt``
+============================  =====================================================
+
+Any other column is kept as ``extra`` (reward functions receive it).
+Every error is a :class:`DataFormatError` naming the file, the record index (and the line for
+JSONL) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PathLike = str | os.PathLike
+Messages = list[dict[str, Any]]
+
+SFT_FIELDS = ("text", "prompt", "completion", "messages")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "margin")
+PROMPT_FIELDS = ("prompt",)
+
+
+class DataFormatError(ValueError):
+    """Bad input data: the message names the file, the record index (line for JSONL) and the field."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a record comes from, for error messages: ``data/train.jsonl, record 17 (line 18)``."""
+
+    file: str
+    index: int
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file}, record {self.index}" + (f" (line {self.line})" if self.line is not None else "")
+
+    def error(self, field: str | None, message: str) -> DataFormatError:
+        return DataFormatError(f"{self}: field '{field}' {message}" if field else f"{self}: {message}")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _split_suffix(path: str) -> tuple[str, str | None]:
+    """``"folder:test"`` -> ``("folder", "test")`` when ``folder`` is a directory and the full path is not."""
+    if not os.path.exists(path) and ":" in path:
+        head, _, split = path.rpartition(":")
+        if os.path.isdir(head):
+            return head, split
+    return path, None
+
+
+def _read_jsonl(path: str, errors: list[DataFormatError] | None) -> tuple[list[dict], list[Where]]:
+    records, wheres = [], []
+    index = 0  # record index: non-blank lines, counted whether valid or not
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = Where(path, index, lineno)
+            index += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                err = where.error(None, f"invalid JSON: {e.msg} (column {e.colno})")
+                if errors is None:
+                    raise err from None
+                errors.append(err)
+                continue
+            if not isinstance(record, dict):
+                err = where.error(None, f"expected a JSON object, got {type(record).__name__}")
+                if errors is None:
+                    raise err
+                errors.append(err)
+                continue
+            records.append(record)
+            wheres.append(where)
+    return records, wheres
+
+
+def _read_json(path: str, errors: list[DataFormatError] | None) -> tuple[list[dict], list[Where]]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several JSON values: it is really JSONL
+            return _read_jsonl(path, errors)
+        raise DataFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        # Column-oriented {"prompt": [...], "chosen": [...]}.
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) != 1:
+            raise DataFormatError(f"{path}: columns have different lengths {sorted(lengths)}")
+        data = [dict(zip(data, row, strict=True)) for row in zip(*data.values(), strict=True)]
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    records, wheres = [], []
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            err = Where(path, i).error(None, f"expected a JSON object, got {type(record).__name__}")
+            if errors is None:
+                raise err
+            errors.append(err)
+            continue
+        records.append(record)
+        wheres.append(Where(path, i))
+    return records, wheres
+
+
+def _read_parquet(path: str) -> tuple[list[dict], list[Where]]:
+    import pyarrow.parquet as pq
+
+    records = pq.read_table(path).to_pylist()
+    return records, [Where(path, i) for i in range(len(records))]
+
+
+def _read_dataset_folder(path: str, split: str | None) -> tuple[list[dict], list[Where]]:
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    label = path
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            if len(ds) != 1:
+                raise DataFormatError(
+                    f"{path}: a DatasetDict with splits {sorted(ds)}; name one as '{path}:<split>' or split=..."
+                )
+            split = next(iter(ds))
+        if split not in ds:
+            raise DataFormatError(f"{path}: no split '{split}' (splits: {sorted(ds)})")
+        ds, label = ds[split], f"{path}:{split}"
+    elif split is not None:
+        raise DataFormatError(f"{path}: split '{split}' asked for, but the folder holds a single Dataset")
+    records = ds.to_list()
+    return records, [Where(label, i) for i in range(len(records))]
+
+
+def read_records(
+    paths: PathLike | Sequence[PathLike],
+    split: str | None = None,
+    errors: list[DataFormatError] | None = None,
+) -> tuple[list[dict], list[Where]]:
+    """Read records and where each comes from.
+
+    Args:
+        paths: a file (``.jsonl``/``.ndjson``, ``.json``, ``.parquet``), a folder written by
+            ``datasets``' ``save_to_disk`` (``"folder:split"`` picks a split of a ``DatasetDict``),
+            or a list of these (concatenated in order).
+        split: split of a ``DatasetDict`` folder (when the path does not name one).
+        errors: when given, unreadable records (invalid JSON lines, non-objects) are appended to it
+            and skipped instead of raising.
+
+    Returns:
+        ``(records, wheres)``: the dicts and, for each, its :class:`Where`.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    all_records: list[dict] = []
+    all_wheres: list[Where] = []
+    for p in paths:
+        path, path_split = _split_suffix(os.fspath(p))
+        if os.path.isdir(path):
+            records, wheres = _read_dataset_folder(path, path_split or split)
+        elif not os.path.exists(path):
+            raise DataFormatError(f"{path}: no such file or folder")
+        elif path.endswith((".jsonl", ".ndjson", ".jsonl.txt")):
+            records, wheres = _read_jsonl(path, errors)
+        elif path.endswith(".json"):
+            records, wheres = _read_json(path, errors)
+        elif path.endswith((".parquet", ".pq")):
+            records, wheres = _read_parquet(path)
+        else:
+            raise DataFormatError(f"{path}: unknown file type (expected .jsonl, .json, .parquet or a datasets folder)")
+        all_records += records
+        all_wheres += wheres
+    return all_records, all_wheres
+
+
+def load_records(paths: PathLike | Sequence[PathLike], split: str | None = None) -> list[dict]:
+    """Read records from JSONL / JSON / Parquet files or ``datasets`` folders (see :func:`read_records`)."""
+    return read_records(paths, split)[0]
+
+
+# ------------------------------------------------------------------------------- format + validation
+
+
+def detect_format(record: dict) -> str:
+    """Name the record's format from its fields.
+
+    Returns one of ``"preference"``, ``"implicit_preference"``, ``"messages"``,
+    ``"prompt_completion"``, ``"text"``, ``"prompt"``; raises ``KeyError`` when no known field is there.
+    """
+    if "chosen" in record or "rejected" in record:
+        return "preference" if "prompt" in record else "implicit_preference"
+    if "messages" in record:
+        return "messages"
+    if "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    if "prompt" in record:
+        return "prompt"
+    raise KeyError(f"no known field (text, prompt, completion, messages, chosen, rejected) in {sorted(record)}")
+
+
+def is_conversational(value: Any) -> bool:
+    """True for a list of messages (what ``apply_chat_template`` takes)."""
+    return isinstance(value, list)
+
+
+def _check_messages(value: Any, where: Where, field: str) -> Messages:
+    if not value:
+        raise where.error(field, "is empty")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise where.error(field, f"message {i} must be a dict with 'role' and 'content', got {m!r}"[:300])
+        if not isinstance(m["content"], str):
+            raise where.error(field, f"message {i}: 'content' must be a string, got {type(m['content']).__name__}")
+    return value
+
+
+def _check_text_or_messages(record: dict, where: Where, field: str, *, allow_empty: bool = False) -> str | Messages:
+    if field not in record or record[field] is None:
+        raise where.error(field, "is missing")
+    value = record[field]
+    if isinstance(value, str):
+        if not value and not allow_empty:
+            raise where.error(field, "is empty")
+        return value
+    if isinstance(value, list):
+        return _check_messages(value, where, field)
+    raise where.error(field, f"must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _common_prefix_at_whitespace(a: str, b: str) -> str:
+    """Longest common prefix of ``a`` and ``b`` that ends just before a whitespace character.
+
+    The completion then starts with that whitespace, as word-level BPE tokens do (" 4.").
+    """
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    # The prefix must stop at a whitespace that both strings have at that place (so that neither
+    # side is empty when one text extends the other).
+    for cut in range(min(n, len(a) - 1, len(b) - 1), 0, -1):
+        if a[cut].isspace() and b[cut].isspace():
+            return a[:cut]
+    return ""
+
+
+def parse_record(record: dict, kind: str, where: Where) -> dict:
+    """Validate one record for a stage kind and normalise it.
+
+    Returns a dict:
+
+    - ``kind="sft"``: ``prompt`` (str, messages, or ``None`` for ``text``/``messages`` records),
+      ``completion`` (str or messages) or ``messages`` (for the ``messages`` format).
+    - ``kind="preference"``: ``prompt``, ``chosen``, ``rejected`` (all str or all messages; an
+      implicit prompt is extracted), ``margin`` (float).
+    - ``kind="prompt"``: ``prompt`` (str or messages), ``extra`` (the other columns).
+
+    Raises:
+        DataFormatError: naming the record and the field.
+    """
+    try:
+        fmt = detect_format(record)
+    except KeyError as e:
+        raise where.error(None, e.args[0]) from None
+
+    if kind == "sft":
+        if fmt == "text":
+            text = record["text"]
+            if not isinstance(text, str):
+                raise where.error("text", f"must be a string, got {type(text).__name__}")
+            if not text:
+                raise where.error("text", "is empty")
+            return {"prompt": None, "completion": text}
+        if fmt == "messages":
+            msgs = _check_messages(record["messages"], where, "messages")
+            if msgs[-1]["role"] != "assistant":
+                raise where.error("messages", f"the last message must be from the assistant, got '{msgs[-1]['role']}'")
+            return {"messages": msgs}
+        if fmt == "prompt_completion":
+            prompt = _check_text_or_messages(record, where, "prompt", allow_empty=True)
+            completion = _check_text_or_messages(record, where, "completion")
+            if is_conversational(prompt) != is_conversational(completion):
+                raise where.error("completion", "must be messages when 'prompt' is, a string when it is a string")
+            return {"prompt": prompt, "completion": completion}
+        raise where.error(
+            "completion" if fmt == "prompt" else None,
+            f"is missing: a '{fmt}' record cannot be used for SFT (needs text, messages, or prompt+completion)",
+        )
+
+    if kind == "preference":
+        if fmt not in ("preference", "implicit_preference"):
+            missing = "chosen" if "chosen" not in record else "rejected"
+            raise where.error(missing, "is missing (a preference record needs chosen and rejected)")
+        for field in ("chosen", "rejected"):
+            if field not in record or record[field] is None:
+                raise where.error(field, "is missing")
+        chosen = _check_text_or_messages(record, where, "chosen")
+        rejected = _check_text_or_messages(record, where, "rejected")
+        if is_conversational(chosen) != is_conversational(rejected):
+            raise where.error("rejected", "must have the same type as 'chosen' (both strings or both messages)")
+        if chosen == rejected:
+            raise where.error("rejected", "is identical to 'chosen'")
+        margin = record.get("margin")
+        if margin is None:
+            margin = 0.0
+        elif isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise where.error("margin", f"must be a number, got {type(margin).__name__}")
+        if fmt == "preference":
+            prompt = _check_text_or_messages(record, where, "prompt", allow_empty=True)
+            if is_conversational(prompt) != is_conversational(chosen):
+                raise where.error("chosen", "must be messages when 'prompt' is, a string when it is a string")
+        elif is_conversational(chosen):
+            # Implicit conversational: all messages but the last assistant turn are the prompt.
+            for field, conv in (("chosen", chosen), ("rejected", rejected)):
+                if conv[-1]["role"] != "assistant":
+                    raise where.error(field, "the last message of an implicit-prompt conversation must be the assistant's")
+            if chosen[:-1] != rejected[:-1]:
+                raise where.error(
+                    "rejected", "must share all messages but the last assistant turn with 'chosen' (implicit prompt)"
+                )
+            prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        else:
+            prompt = _common_prefix_at_whitespace(chosen, rejected)
+            chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": float(margin)}
+
+    if kind == "prompt":
+        if "prompt" not in record:
+            raise where.error("prompt", "is missing (prompt-only data needs a 'prompt' field)")
+        prompt = _check_text_or_messages(record, where, "prompt")
+        return {"prompt": prompt, "extra": {k: v for k, v in record.items() if k != "prompt"}}
+
+    raise ValueError(f"unknown kind {kind!r}: expected 'sft', 'preference' or 'prompt'")
