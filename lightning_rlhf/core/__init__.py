@@ -1,0 +1,42 @@
+"""Pure tensor math for RLHF: masked ops, log-probs, advantages, KL, losses.
+
+Nothing here imports ``torch.nn`` modules, Lightning or transformers; every function takes and
+returns tensors (shapes in its docstring), with explicit masks and documented reductions.
+"""
+
+from lightning_rlhf.core.advantages import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    group_advantages,
+    kl_penalty,
+    whiten,
+)
+from lightning_rlhf.core.losses import dpo_loss, orpo_loss, ppo_policy_loss, reward_loss, sft_loss, value_loss
+from lightning_rlhf.core.ops import (
+    entropy_from_logits,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "dpo_loss",
+    "entropy_from_logits",
+    "gae",
+    "group_advantages",
+    "kl_penalty",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "orpo_loss",
+    "ppo_policy_loss",
+    "reward_loss",
+    "sft_loss",
+    "value_loss",
+    "whiten",
+]
