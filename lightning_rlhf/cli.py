@@ -1,0 +1,47 @@
+"""The ``lightning-rlhf`` command: LightningCLI for every stage, plus ``pipeline``.
+
+    lightning-rlhf fit --config configs/demo/sft.yaml [--model.optim.learning_rate 1e-4 ...]
+    lightning-rlhf validate --config ...
+    lightning-rlhf pipeline --config configs/demo/pipeline.yaml --output_dir outputs/demo
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning import LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from .data import RLHFDataModule
+
+
+class RLHFCLI(LightningCLI):
+    """LightningCLI with the stage modules as subclasses of ``LightningModule``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(LightningModule, RLHFDataModule, *args, **kwargs)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
+    from . import stages  # noqa: F401  (registers the stage classes for short class_path names)
+
+    return RLHFCLI(args=args, run=run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv and argv[0] == "pipeline":
+        from .pipeline import main as pipeline_main
+
+        pipeline_main(argv[1:])
+        return
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()

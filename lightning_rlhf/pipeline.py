@@ -1,0 +1,265 @@
+"""``lightning-rlhf pipeline``: run the stages in order, evaluate every model the same way, report.
+
+    lightning-rlhf pipeline --config configs/demo/pipeline.yaml --output_dir outputs/demo [--force]
+
+Each stage is ``lightning-rlhf fit --config <its own YAML>`` in a child process, plus a small override
+file that the pipeline writes: the stage's ``output_dir`` (``<output_dir>/<name>``), the folders of the
+earlier stages it reads (``inputs``), the loggers (W&B offline, grouped per pipeline run, plus a CSV log
+for the report's curves) and any ``args`` the pipeline YAML gives. A stage whose folder already holds
+a model is skipped unless ``--force``. When all stages have run, every model is evaluated by
+:mod:`lightning_rlhf.evaluation` on the same held-out prompts with the same sampling settings and seed,
+and ``report.json``, ``report.md`` and ``report.png`` are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .evaluation import SamplingSpec
+
+
+@dataclass
+class StageSpec:
+    """One stage of a pipeline."""
+
+    name: str
+    """Stage name: its output folder is ``<output_dir>/<name>``."""
+    config: str
+    """The stage's own ``lightning-rlhf fit`` YAML."""
+    inputs: dict[str, str] = field(default_factory=dict)
+    """Dotted config keys set to an earlier stage's output folder, e.g. ``{model.init_args.policy.path: sft}``."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Other dotted config keys to override for this pipeline."""
+
+
+@dataclass
+class EvalSpec:
+    """How the models are compared (the same prompts, sampling and seed for each)."""
+
+    prompt_files: str | list[str] = ""
+    """Held-out prompts."""
+    gold: list[str] = field(default_factory=list)
+    """Gold reward functions (import paths); the first is the report's ``gold_reward``."""
+    gold_range: tuple[float, float] = (-1.0, 1.0)
+    """Lowest and highest possible gold reward."""
+    models: dict[str, str] = field(default_factory=dict)
+    """Report name -> stage name (its output folder) or a model folder path."""
+    reference: str = "sft"
+    """Model (name in ``models``) that ``kl_to_sft`` is measured against."""
+    reward_model: str | None = "reward"
+    """Stage whose reward model gives ``proxy_reward`` and is checked on ``reward_pairs``."""
+    reward_pairs: str | None = None
+    """Held-out preference pairs for the reward model's accuracy and Spearman's rho to gold."""
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    max_prompts: int | None = None
+
+
+@dataclass
+class PipelineSpec:
+    stages: list[StageSpec]
+    evaluation: EvalSpec = field(default_factory=EvalSpec)
+    extra_evaluations: dict[str, EvalSpec] = field(default_factory=dict)
+    """More comparisons (e.g. a verifiable task), reported under ``extra`` in report.json."""
+    wandb_project: str = "lightning-rlhf"
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def _nest(dotted: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stage_dir(output_dir: Path, name: str) -> Path:
+    return output_dir / name
+
+
+def stage_done(path: Path) -> bool:
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
+
+
+def override_config(stage: StageSpec, output_dir: Path, group: str, project: str) -> dict:
+    """The override YAML of one stage (merged over the stage's own YAML by jsonargparse)."""
+    loggers = [
+        {"class_path": "lightning.pytorch.loggers.WandbLogger",
+         "init_args": {"project": project, "name": stage.name, "group": group, "save_dir": str(output_dir),
+                       "offline": os.environ.get("WANDB_MODE", "offline") != "online"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+         "init_args": {"save_dir": str(output_dir / "logs"), "name": stage.name, "version": ""}},
+    ]
+    dotted = {"model.init_args.output_dir": str(stage_dir(output_dir, stage.name)), "trainer.logger": loggers}
+    dotted.update({k: str(stage_dir(output_dir, v)) for k, v in stage.inputs.items()})
+    dotted.update(stage.args)
+    return _nest(dotted)
+
+
+def run_stage(stage: StageSpec, output_dir: Path, group: str, project: str) -> dict:
+    """Run one stage in a child process; return its wall time, peak memory and output folder."""
+    out = stage_dir(output_dir, stage.name)
+    override = output_dir / "configs" / f"{stage.name}.override.yaml"
+    override.parent.mkdir(parents=True, exist_ok=True)
+    override.write_text(yaml.safe_dump(override_config(stage, output_dir, group, project), sort_keys=False))
+    cmd = [sys.executable, "-m", "lightning_rlhf", "fit", "--config", stage.config, "--config", str(override)]
+    print(f"\n=== stage {stage.name}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not stage_done(out):
+        raise StageFailed(
+            f"stage '{stage.name}' failed (exit code {proc.returncode}) running config {stage.config} "
+            f"with overrides {override}; its output folder {out} has no model. See the log above."
+        )
+    peak_mb = rusage.ru_maxrss / 1024  # Linux reports KiB
+    return {"wall_s": round(wall, 1), "peak_mem_mb": round(peak_mb, 1), "output": str(out)}
+
+
+def _model_path(name_or_path: str, output_dir: Path) -> Path:
+    p = stage_dir(output_dir, name_or_path)
+    return p if p.exists() else Path(name_or_path)
+
+
+def evaluate_models(spec: EvalSpec, output_dir: Path) -> dict:
+    """Evaluate every model of ``spec.models`` with the same prompts, sampling and seed."""
+    from .evaluation import evaluate_policy, evaluate_reward_model
+    from .models import load_causal_lm, load_sequence_classifier, load_tokenizer
+
+    ref_path = _model_path(spec.models.get(spec.reference, spec.reference), output_dir)
+    reference = load_causal_lm(str(ref_path), trainable=False)
+    reward_model = None
+    if spec.reward_model and stage_done(stage_dir(output_dir, spec.reward_model)):
+        reward_model = load_sequence_classifier(str(stage_dir(output_dir, spec.reward_model)), trainable=False)
+    tokenizer = load_tokenizer(str(ref_path))
+    results: dict[str, dict] = {}
+    for name, src in spec.models.items():
+        path = _model_path(src, output_dir)
+        if not (path / "config.json").exists():
+            print(f"[evaluate] skipping {name}: no model at {path}")
+            continue
+        print(f"[evaluate] {name} ({path})", flush=True)
+        policy = load_causal_lm(str(path), trainable=False)
+        res = evaluate_policy(
+            policy, tokenizer, spec.prompt_files, gold=spec.gold, reward_model=reward_model, reference=reference,
+            sampling=spec.sampling, max_prompts=spec.max_prompts,
+        )
+        res["kl_to_sft"] = res.pop("kl_to_ref")
+        res["path"] = str(path)
+        results[name] = res
+    out: dict[str, Any] = {"models": results, "gold_reward_range": list(spec.gold_range)}
+    if reward_model is not None and spec.reward_pairs:
+        out["reward_model"] = evaluate_reward_model(reward_model, tokenizer, spec.reward_pairs, gold=spec.gold[0])
+    return out
+
+
+def gap_closed(models: dict, name: str, lo_hi: tuple[float, float], base: str = "sft") -> float | None:
+    if name not in models or base not in models:
+        return None
+    best = lo_hi[1]
+    s = models[base]["gold_reward"]["mean"]
+    return (models[name]["gold_reward"]["mean"] - s) / (best - s) if best > s else None
+
+
+def run_pipeline(spec: PipelineSpec, output_dir: str | Path, force: bool = False) -> dict:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    group = f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+    stages: dict[str, dict] = {}
+    prev = _load_json(output_dir / "report.json").get("stages", {})
+    for stage in spec.stages:
+        out = stage_dir(output_dir, stage.name)
+        if stage_done(out) and not force:
+            print(f"=== stage {stage.name}: {out} exists, skipped (--force to rerun)")
+            stages[stage.name] = prev.get(stage.name, {"output": str(out)}) | {"skipped": True}
+            continue
+        stages[stage.name] = run_stage(stage, output_dir, group, spec.wandb_project)
+    print("\n=== evaluation", flush=True)
+    report = evaluate_models(spec.evaluation, output_dir)
+    report["stages"] = stages
+    lo_hi = tuple(spec.evaluation.gold_range)
+    report["gap_closed"] = {
+        name: gap_closed(report["models"], name, lo_hi) for name in report["models"] if name not in ("base", "sft")
+    }
+    report["extra"] = {name: evaluate_models(e, output_dir) for name, e in spec.extra_evaluations.items()}
+    report["evaluation"] = asdict(spec.evaluation)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    from .report import write_report
+
+    write_report(report, output_dir)
+    print(f"\nwrote {output_dir / 'report.json'}, report.md, report.png")
+    print((output_dir / "report.md").read_text().split("\n## ")[0])
+    return report
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read a pipeline YAML into a :class:`PipelineSpec`, with errors that name the file and key."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+
+    def evaluation(d: dict, where: str) -> EvalSpec:
+        d = dict(d)
+        d["sampling"] = SamplingSpec(**d.get("sampling", {}))
+        try:
+            return EvalSpec(**d)
+        except TypeError as e:
+            raise ValueError(f"{path}: {where}: {e}") from None
+
+    try:
+        stages = [StageSpec(**s) for s in raw.pop("stages")]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: `stages` must be a list of {{name, config, inputs, args}}: {e}") from None
+    spec = PipelineSpec(
+        stages=stages,
+        evaluation=evaluation(raw.pop("evaluation", {}), "evaluation"),
+        extra_evaluations={k: evaluation(v, f"extra_evaluations.{k}") for k, v in raw.pop("extra_evaluations", {}).items()},
+        **raw,
+    )
+    for st in spec.stages:
+        if not Path(st.config).exists():
+            raise ValueError(f"{path}: stage '{st.name}': config {st.config} does not exist")
+    return spec
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lightning-rlhf pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline YAML (stages, evaluation)")
+    parser.add_argument("--output_dir", default="outputs/demo", help="folder of all stage outputs and the report")
+    parser.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    args = parser.parse_args(argv)
+    try:
+        run_pipeline(load_spec(args.config), args.output_dir, force=args.force)
+    except (StageFailed, ValueError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,109 @@
+"""What every stage shares: the optimiser and schedule, the tokenizer, the export at the end of fit."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+
+@dataclass
+class OptimSpec:
+    """AdamW with warm-up and decay."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases and norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimiser steps."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after warm-up."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine and linear)."""
+    max_grad_norm: float | None = 1.0
+    """Gradient-norm clipping (None: off). Automatic stages pass it to the Trainer's clipping."""
+
+
+def build_optimizer(params, spec: OptimSpec) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.learning_rate, betas=tuple(spec.betas))
+
+
+def lr_lambda(spec: OptimSpec, total_steps: int):
+    """Multiplier of the peak learning rate at optimiser step ``step``."""
+    total = max(1, total_steps)
+
+    def f(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / (spec.warmup_steps + 1)
+        if spec.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - spec.warmup_steps) / max(1, total - spec.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if spec.scheduler == "cosine" else 1 - progress
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * shape
+
+    return f
+
+
+def build_scheduler(optimizer, spec: OptimSpec, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+
+
+def total_training_steps(module: LightningModule, fallback: int = 1000) -> int:
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return fallback
+    steps = trainer.estimated_stepping_batches
+    return fallback if steps is None or math.isinf(steps) else int(steps)
+
+
+class StageModule(LightningModule):
+    """Base of the stage modules: tokenizer, export of the trained model, throughput bookkeeping.
+
+    Subclasses build their models in ``configure_model`` and name the trained one in
+    ``exported_model()``; ``output_dir`` (if set) receives a Hugging Face folder at the end of fit.
+    """
+
+    data_kind: str = ""
+
+    def __init__(self, tokenizer_path: str, output_dir: str | None, merge_lora: bool = True):
+        super().__init__()
+        from ..models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.output_dir = output_dir
+        self.merge_lora = merge_lora
+        self._t_last: float | None = None
+
+    def exported_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the trained model and tokenizer as a Hugging Face folder."""
+        from ..models import save_pretrained
+
+        return save_pretrained(self.exported_model(), out_dir, self.tokenizer, merge_lora=self.merge_lora)
+
+    def on_train_end(self) -> None:
+        if self.output_dir and self.trainer.is_global_zero:
+            path = self.save_pretrained(self.output_dir)
+            rank_zero_info(f"[{type(self).__name__}] saved the trained model to {path}")
+
+    def throughput(self, n_tokens: int) -> float | None:
+        """Tokens per second since the previous call (None on the first)."""
+        now = time.perf_counter()
+        last, self._t_last = self._t_last, now
+        return None if last is None else n_tokens / max(now - last, 1e-9)
