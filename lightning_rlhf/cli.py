@@ -11,9 +11,25 @@ import os
 import sys
 
 from lightning import LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .data import RLHFDataModule
+
+
+class SaveConfigToOutput(SaveConfigCallback):
+    """Save the run's complete config next to the stage's output (``<output_dir>/fit_config.yaml``),
+    not into the working directory, which W&B's ``log_dir`` would give."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        out = getattr(pl_module, "output_dir", None)
+        if out:
+            os.makedirs(out, exist_ok=True)
+            self.parser.save(self.config, os.path.join(out, "fit_config.yaml"), skip_none=False, overwrite=True,
+                             multifile=self.multifile)
 
 
 class RLHFCLI(LightningCLI):
@@ -21,6 +37,7 @@ class RLHFCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("save_config_callback", SaveConfigToOutput)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(LightningModule, RLHFDataModule, *args, **kwargs)

@@ -221,15 +221,22 @@ def is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, *, merge_lora: bool = True) -> Path:
+def save_pretrained(
+    model: nn.Module, out_dir: str | Path, tokenizer=None, *, merge_lora: bool = True, state_dict: dict | None = None
+) -> Path:
     """Write a Hugging Face folder ``transformers`` loads as is.
 
     A LoRA model is merged into its base (a full model folder) when ``merge_lora`` and the base is
     not quantized; otherwise the adapter folder is written (``peft`` loads it onto the base).
+    ``state_dict``: the full weights of a sharded (FSDP2) model, from ``full_state_dict``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if is_peft(model):
+    if state_dict is not None:
+        if is_peft(model):
+            raise NotImplementedError("export of a LoRA model trained with FSDP2: save the adapter per rank instead")
+        model.save_pretrained(out, state_dict=state_dict)
+    elif is_peft(model):
         quantized = getattr(model.base_model.model, "is_quantized", False) or getattr(
             model.base_model.model, "is_loaded_in_4bit", False
         )

@@ -91,16 +91,34 @@ class StageModule(LightningModule):
     def exported_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write the trained model and tokenizer as a Hugging Face folder."""
-        from ..models import save_pretrained
+    def shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2-shard ``model`` when the strategy gives a device mesh (``ModelParallelStrategy``)."""
+        mesh = self._device_mesh
+        if mesh is None:
+            return model
+        from ..models.distributed import shard_fsdp2
 
-        return save_pretrained(self.exported_model(), out_dir, self.tokenizer, merge_lora=self.merge_lora)
+        return shard_fsdp2(model, mesh)
+
+    def save_pretrained(self, out_dir: str | Path) -> Path | None:
+        """Write the trained model and tokenizer as a Hugging Face folder.
+
+        Under FSDP2 every rank must call it (the full weights are gathered); rank 0 writes.
+        """
+        from ..models import save_pretrained
+        from ..models.distributed import full_state_dict
+
+        model = self.exported_model()
+        state = full_state_dict(model)
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return None
+        return save_pretrained(model, out_dir, self.tokenizer, merge_lora=self.merge_lora, state_dict=state)
 
     def on_train_end(self) -> None:
-        if self.output_dir and self.trainer.is_global_zero:
+        if self.output_dir:
             path = self.save_pretrained(self.output_dir)
-            rank_zero_info(f"[{type(self).__name__}] saved the trained model to {path}")
+            if path is not None:
+                rank_zero_info(f"[{type(self).__name__}] saved the trained model to {path}")
 
     def throughput(self, n_tokens: int) -> float | None:
         """Tokens per second since the previous call (None on the first)."""

@@ -44,7 +44,7 @@ class SFTModule(StageModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy = load_causal_lm(self.policy_spec)
+            self.policy = self.shard(load_causal_lm(self.policy_spec))
 
     def exported_model(self):
         return self.policy
