@@ -75,7 +75,7 @@ def test_command_line_override_lands_in_the_module(flag):
     assert cli.model.optim.learning_rate == 1e-4
     # the rest of the YAML is kept
     assert cli.model.optim.warmup_steps == 30 and cli.model.optim.weight_decay == 0.01
-    assert cli.datamodule.batch_size == 32
+    assert cli.datamodule.batch_size == yaml.safe_load(SFT_YAML.read_text())["data"]["batch_size"]
 
 
 def test_yaml_values_land_in_the_module_and_trainer():

@@ -115,7 +115,7 @@ def test_generator_is_deterministic_and_seeded():
 def test_committed_demo_data_equals_a_fresh_build(fresh_data, repo_root):
     committed = repo_root / "data" / "demo"
     assert _files(committed) == _files(fresh_data)
-    assert len(_files(committed)) == 10
+    assert len(_files(committed)) == 14
     for rel in _files(fresh_data):
         assert filecmp.cmp(committed / rel, fresh_data / rel, shallow=False), (
             f"data/demo/{rel} drifted: rerun python -m lightning_rlhf.demo.data"
@@ -127,6 +127,30 @@ def test_split_sizes(fresh_data):
         assert len(_read(fresh_data / "reviews" / f"{split}.jsonl")) == n
     for split, n in demo_data.REVERSE_SIZES.items():
         assert len(_read(fresh_data / "reverse" / f"{split}.jsonl")) == n
+    for split, n in demo_data.SENTIMENT_SIZES.items():
+        assert len(_read(fresh_data / "sentiment" / f"{split}.jsonl")) == n
+
+
+def test_sentiment_exact_match_by_hand():
+    from lightning_rlhf.demo import sentiment
+
+    assert sentiment.exact_match("review : the lamp is very lovely =", " good") == 1.0
+    assert sentiment.exact_match("review : the lamp is awful =", "bad") == 1.0
+    assert sentiment.exact_match("review : the lamp is black =", "okay") == 1.0
+    assert sentiment.exact_match("review : the lamp is black =", "good") == 0.0
+    assert sentiment.exact_match("review : the lamp is awful =", "bad bad") == 0.0
+    assert sentiment.answer_of("review : the lamp is purple =") is None
+
+
+def test_sentiment_data_is_noisy_at_the_documented_rate(fresh_data):
+    from lightning_rlhf.demo import sentiment
+
+    recs = _read(fresh_data / "sentiment" / "sft_train.jsonl")
+    right = sum(sentiment.exact_match(r["prompt"], r["completion"]) for r in recs) / len(recs)
+    # Binomial std for n=3000 is ~0.008: the rate is the documented one, not 0 and not all.
+    assert abs((1 - right) - sentiment.NOISE) < 0.03
+    for r in _read(fresh_data / "sentiment" / "prompts_eval.jsonl"):
+        assert sentiment.answer_of(r["prompt"]) == r["answer"]
 
 
 def test_chosen_beats_rejected_on_every_pair(fresh_data):

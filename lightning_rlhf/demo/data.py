@@ -7,7 +7,13 @@
   where chosen has the higher gold reward (ties are not written)
 - ``reviews/prompts_{train,eval}.jsonl``: ``{"prompt": [user]}``
 
-and for the verifiable reverse task (plain prompt/completion records):
+for the verifiable sentiment-label task (plain prompt/completion records, used by the demo's GRPO):
+
+- ``sentiment/sft_{train,val}.jsonl``: ``{"prompt", "completion"}`` with 30% wrong labels
+- ``sentiment/prompts_{train,eval}.jsonl``: ``{"prompt", "answer"}``
+
+and for a harder verifiable task, reversing a word list (the tiny demo model does not learn it in the
+demo's budget; it is there for larger models):
 
 - ``reverse/sft_{train,val}.jsonl``: ``{"prompt", "completion"}`` with noisy answers
 - ``reverse/prompts_{train,eval}.jsonl``: ``{"prompt", "answer"}`` (the extra column reaches reward
@@ -23,11 +29,12 @@ import random
 import sys
 from pathlib import Path
 
-from . import reverse, reviews
+from . import reverse, reviews, sentiment
 
 SIZES = dict(sft_train=3000, sft_val=200, pref_train=1500, pref_val=300, prompts_train=1024, prompts_eval=64)
 REVERSE_SIZES = dict(sft_train=3000, sft_val=200, prompts_train=1024, prompts_eval=100)
 REVERSE_NOISE = 0.4
+SENTIMENT_SIZES = dict(sft_train=3000, sft_val=200, prompts_train=1024, prompts_eval=100)
 
 
 def _user(text: str) -> list[dict]:
@@ -83,6 +90,21 @@ def reverse_records(seed: int = 0) -> dict[str, list[dict]]:
     return out
 
 
+def sentiment_records(seed: int = 0) -> dict[str, list[dict]]:
+    rng = random.Random(seed + 2)
+    out: dict[str, list[dict]] = {}
+    for split in ("sft_train", "sft_val", "prompts_train", "prompts_eval"):
+        recs = []
+        for _ in range(SENTIMENT_SIZES[split]):
+            prompt, answer = sentiment.sample_prompt(rng)  # 240 distinct prompts: no held-out strings
+            if split.startswith("sft"):
+                recs.append({"prompt": prompt, "completion": " " + sentiment.noisy_label(rng, answer)})
+            else:
+                recs.append({"prompt": prompt, "answer": answer})
+        out[split] = recs
+    return out
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -96,6 +118,8 @@ def write_demo_data(out_dir: str | Path = "data/demo", seed: int = 0) -> Path:
         write_jsonl(out / "reviews" / f"{split}.jsonl", recs)
     for split, recs in reverse_records(seed).items():
         write_jsonl(out / "reverse" / f"{split}.jsonl", recs)
+    for split, recs in sentiment_records(seed).items():
+        write_jsonl(out / "sentiment" / f"{split}.jsonl", recs)
     return out
 
 

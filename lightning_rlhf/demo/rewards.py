@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import reverse, reviews
+from . import reverse, reviews, sentiment
 
 
 def prompt_to_text(prompt: Any) -> str:
@@ -27,3 +27,8 @@ def gold_reward(prompts: list, completions: list[str], **_: Any) -> list[float]:
 def reverse_exact_match(prompts: list, completions: list[str], **_: Any) -> list[float]:
     """1.0 where the completion is the prompt's words reversed, else 0.0."""
     return [reverse.exact_match(prompt_to_text(p), c) for p, c in zip(prompts, completions, strict=True)]
+
+
+def sentiment_exact_match(prompts: list, completions: list[str], **_: Any) -> list[float]:
+    """1.0 where the completion is the right sentiment label of the prompt's sentence, else 0.0."""
+    return [sentiment.exact_match(prompt_to_text(p), c) for p, c in zip(prompts, completions, strict=True)]

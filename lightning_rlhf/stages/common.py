@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -70,6 +70,25 @@ def total_training_steps(module: LightningModule, fallback: int = 1000) -> int:
     return fallback if steps is None or math.isinf(steps) else int(steps)
 
 
+def as_dataclass(cls, value):
+    """``value`` as a ``cls`` instance: itself, ``cls(**value)`` for a dict (a checkpoint's hparams),
+    ``cls()`` for None."""
+    if value is None:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
+
+
+def plain(obj):
+    """Dataclasses (nested in dicts, lists, tuples) turned into dicts."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, plain(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    return obj
+
+
 class StageModule(LightningModule):
     """Base of the stage modules: tokenizer, export of the trained model, throughput bookkeeping.
 
@@ -119,6 +138,11 @@ class StageModule(LightningModule):
             path = self.save_pretrained(self.output_dir)
             if path is not None:
                 rank_zero_info(f"[{type(self).__name__}] saved the trained model to {path}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Dataclass arguments as plain dicts: the checkpoint then loads with torch's weights_only=True.
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
 
     def throughput(self, n_tokens: int) -> float | None:
         """Tokens per second since the previous call (None on the first)."""

@@ -1,0 +1,650 @@
+"""What the online RL stages (PPO, GRPO) share: models, rollout, scoring, KL, logging, state.
+
+:class:`OnlineRLModule` is the base of :class:`~lightning_rlhf.stages.ppo.PPOModule` and the GRPO
+module. One ``training_step`` receives a batch of prompts and runs, as one method call each::
+
+    rollout = self.generate(batch)                     # sample from the policy (eval mode, KV cache)
+    scores = self.score(rollout, batch)                # reward model and/or functions, then shaping
+    logprobs = self.policy_logprobs(rollout)           # old log-probs (no grad)
+    ref_logprobs = self.reference_logprobs(rollout)    # frozen reference (or the disabled adapter)
+    rewards, kl = self.kl_shaped_rewards(scores.rewards, logprobs, ref_logprobs, rollout.response_mask)
+    ...                                                # the algorithm: advantages and optimisation
+    self.log_rollout(rollout, scores, kl)
+
+What a subclass writes (see ``PPOModule``): ``configure_model`` (call ``super()`` first, then build
+its own trainable parts, e.g. a critic), ``configure_optimizers`` (``self.build_actor_optimizer()``
+plus its own), and ``training_step``. It may extend ``online_state_dict`` / ``load_online_state_dict``
+(extra state saved in Lightning checkpoints) and ``trainable_parameters``.
+
+Frozen models (reference, reward model) are deliberately *not* registered as submodules: they stay
+out of ``state_dict``, the optimiser, DDP and Lightning's dtype/device moves; they are rebuilt from
+their folders in ``configure_model`` and moved to ``self.device`` when used (or to the CPU between
+uses with ``offload_frozen``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ..core import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
+from ..models import ModelSpec, as_spec, freeze, load_causal_lm, load_sequence_classifier
+from ..rollout import CompositeScorer, RewardFunctionScorer, RewardModelScorer, Rollout, eval_mode
+from ..rollout import generate as sample_rollout
+from .common import (
+    OptimSpec,
+    StageModule,
+    as_dataclass,
+    build_optimizer,
+    build_scheduler,
+    total_training_steps,
+)
+
+
+@dataclass
+class GenerationSpec:
+    """How responses are sampled during the rollout (``rollout.generate``)."""
+
+    max_new_tokens: int = 64
+    """Most tokens generated per response; a response that reaches it without EOS is 'truncated'."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0). Log-probs of the training forward use the same temperature."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    num_samples: int = 1
+    """Responses per prompt (rows of one prompt are consecutive; GRPO's group size)."""
+
+
+
+
+class RunningMoments:
+    """Running mean and standard deviation of a stream of scalars (Chan et al.'s parallel update).
+
+    Used to normalise rewards across steps; its state goes into the checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = float(x.numel())
+        if n == 0:
+            return
+        mean, m2 = float(x.mean()), float(((x - x.mean()) ** 2).sum())
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+@dataclass
+class Scores:
+    """What ``OnlineRLModule.score`` returns for a rollout of N rows."""
+
+    rewards: torch.Tensor
+    """``(N,)`` fp32, what the optimiser sees: raw score, minus the missing-EOS penalty, then
+    running-normalised and clipped as configured."""
+    raw: torch.Tensor
+    """``(N,)`` fp32, the scorer's output before any shaping."""
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    """``{name: (N,)}``: each reward source (reward model, each function); NaN where not applicable."""
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """``{name: (N,)}``: the ``diagnostic_functions`` (logged, never optimised)."""
+    prompts: list = field(default_factory=list)
+    """The raw prompt of each row (str or messages)."""
+    completions: list[str] = field(default_factory=list)
+    """The decoded response of each row."""
+
+
+class OnlineRLModule(StageModule):
+    """Base of the online RL stages: policy, frozen reference and reward, rollout, scoring and KL.
+
+    Uses manual optimisation (``automatic_optimization = False``): the subclass's ``training_step``
+    runs the rollout and then its own epochs of mini-batches with ``self.manual_backward``,
+    ``self.optimizers()``, ``self.clip_gradients`` and ``self.schedulers()`` so that Lightning's
+    precision and strategy apply. ``trainer.global_step`` therefore counts optimiser steps (of every
+    optimiser); bound a run by prompt batches with ``max_epochs`` / ``limit_train_batches``.
+
+    Args:
+        policy: the model trained (folder, dtype, LoRA, 4-bit, gradient checkpointing). Gradient
+            checkpointing only acts in the optimisation phase: generation and the no-grad forwards
+            run in eval mode, where transformers skips it.
+        reward_model: a one-label sequence classifier folder (the RM stage's output). Scores the
+            prompt+response ids; it must share the policy's tokenizer.
+        reward_functions: import paths of Python reward functions, TRL signature
+            ``fn(prompts, completions, **columns) -> list[float | None]`` (columns: the dataset's extra
+            fields). Used instead of, or added to, the reward model.
+        reward_weights: one weight per reward source, the reward model first (if any), then each
+            function. Default all 1.
+        diagnostic_functions: import paths of reward functions that are only logged, as
+            ``rollout/diag/<name>`` (e.g. the demo's gold reward), never optimised.
+        reference: the frozen reference model of the KL penalty. Default: the policy's folder loaded
+            again, or with a LoRA policy the policy itself with its adapter disabled (no copy).
+        tokenizer: tokenizer folder; default ``policy.path``.
+        generation: sampling settings of the rollout.
+        kl_coef: KL penalty coefficient (the initial one when ``kl_target`` is set). 0 with no
+            ``kl_target``: no reference model is loaded at all.
+        kl_estimator: per-token KL estimator of ``core.kl_penalty``: ``k1`` (log-ratio, the
+            InstructGPT/TRL default), ``k2``, ``k3`` or ``abs``.
+        kl_target: target KL per sequence (nats) of the adaptive controller (Ziegler et al. 2019);
+            None: fixed coefficient.
+        kl_horizon: horizon of the adaptive controller, in rollout rows.
+        missing_eos_penalty: subtracted from the score of a response that hits ``max_new_tokens``
+            without EOS (None: off).
+        reward_clip: clip the (normalised) score to ``[-reward_clip, reward_clip]`` (None: off).
+        normalize_rewards: normalise scores with a running mean and std over all past rollouts
+            (kept in the checkpoint) before clipping.
+        optim: the policy's optimiser and learning-rate schedule. The schedule advances once per
+            rollout step (per prompt batch, as cleanrl anneals per iteration), ``warmup_steps`` too.
+        schedule_steps: rollout steps the learning-rate schedule spans. None: the Trainer's
+            estimate of training batches (1000 when driven by Fabric).
+        forward_batch_size: rows per no-grad forward (old log-probs, reference, reward, values);
+            None: the whole rollout at once.
+        offload_frozen: keep the reference and reward model on the CPU and move each to the
+            accelerator only for its forward (saves accelerator memory; costs transfers).
+        seed: seed of the rollout's own ``torch.Generator`` (sampling and mini-batch shuffling; its
+            state is checkpointed). Each rank adds its global rank.
+        log_samples_every_n_steps: every N rollout steps, log a table of (prompt, response, reward)
+            to W&B when the logger is a ``WandbLogger`` (0: never). The last samples are also kept in
+            ``self.last_samples``.
+        save_every_n_steps: also export the policy every N rollout steps to
+            ``<output_dir>/step-<N>`` (None: only at the end).
+        output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
+        merge_lora: export a LoRA policy merged into its base (else the adapter folder).
+    """
+
+    data_kind = "prompt"
+
+    def __init__(
+        self,
+        policy: ModelSpec | str,
+        reward_model: ModelSpec | str | None = None,
+        reward_functions: list[str] | None = None,
+        reward_weights: list[float] | None = None,
+        diagnostic_functions: list[str] | None = None,
+        reference: ModelSpec | str | None = None,
+        tokenizer: str | None = None,
+        generation: GenerationSpec | None = None,
+        kl_coef: float = 0.05,
+        kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1",
+        kl_target: float | None = None,
+        kl_horizon: int = 10000,
+        missing_eos_penalty: float | None = None,
+        reward_clip: float | None = None,
+        normalize_rewards: bool = False,
+        optim: OptimSpec | None = None,
+        schedule_steps: int | None = None,
+        forward_batch_size: int | None = None,
+        offload_frozen: bool = False,
+        seed: int = 0,
+        log_samples_every_n_steps: int = 10,
+        save_every_n_steps: int | None = None,
+        output_dir: str | None = None,
+        merge_lora: bool = True,
+    ):
+        policy = as_spec(policy)
+        super().__init__(tokenizer or policy.path, output_dir, merge_lora)
+        if reward_model is None and not reward_functions:
+            raise ValueError("give a reward_model, reward_functions, or both")
+        n_sources = (reward_model is not None) + len(reward_functions or [])
+        if reward_weights is not None and len(reward_weights) != n_sources:
+            raise ValueError(
+                f"reward_weights has {len(reward_weights)} entries for {n_sources} reward sources "
+                "(the reward model first, if any, then each reward function)"
+            )
+        generation = as_dataclass(GenerationSpec, generation)
+        if generation.temperature <= 0:
+            raise ValueError(
+                f"generation.temperature must be > 0 for RL (got {generation.temperature}): the training "
+                "forward scores the samples under softmax(logits / temperature)"
+            )
+        self.automatic_optimization = False
+        self.policy_spec = policy
+        self.reward_spec = as_spec(reward_model) if reward_model is not None else None
+        self.reference_spec = as_spec(reference) if reference is not None else None
+        self.reward_functions = list(reward_functions or [])
+        self.reward_weights = reward_weights
+        self.diagnostic_functions = list(diagnostic_functions or [])
+        self.generation = generation
+        self.kl_coef = kl_coef
+        self.kl_estimator = kl_estimator
+        self.kl_target = kl_target
+        self.kl_horizon = kl_horizon
+        self.missing_eos_penalty = missing_eos_penalty
+        self.reward_clip = reward_clip
+        self.normalize_rewards = normalize_rewards
+        self.optim = as_dataclass(OptimSpec, optim)
+        self.schedule_steps = schedule_steps
+        self.forward_batch_size = forward_batch_size
+        self.offload_frozen = offload_frozen
+        self.seed = seed
+        self.log_samples_every_n_steps = log_samples_every_n_steps
+        self.save_every_n_steps = save_every_n_steps
+
+        self.kl_ctl = (
+            AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+            if kl_target is not None
+            else FixedKLController(kl_coef)
+        )
+        self.reward_moments = RunningMoments()
+        self.rollout_step = 0  # completed rollout steps (prompt batches), checkpointed
+        self.policy: nn.Module | None = None
+        self._frozen: dict[str, nn.Module] = {}  # reference / reward: plain dict, so not registered
+        self.scorer = None
+        self.diagnostic_scorer = None
+        self._generator: torch.Generator | None = None
+        self._pending_generator_state: torch.Tensor | None = None
+        self._schedulers: list = []
+        self.timings: dict[str, float] = {}
+        self.last_samples: list[dict] = []
+        self.save_hyperparameters()
+
+    # ----------------------------------------------------------------------------------- models
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the KL penalty (hence a reference model) is on."""
+        return self.kl_coef > 0 or self.kl_target is not None
+
+    @property
+    def reference_is_adapter_off(self) -> bool:
+        """The reference is the policy with its LoRA adapter disabled (no second copy)."""
+        return self.uses_reference and self.reference_spec is None and self.policy_spec.lora is not None
+
+    @property
+    def reference(self) -> nn.Module | None:
+        return self._frozen.get("reference")
+
+    @property
+    def reward_model(self) -> nn.Module | None:
+        return self._frozen.get("reward")
+
+    def configure_model(self) -> None:
+        """Build the policy (trainable), the reference and the reward model (frozen), the scorers.
+
+        Idempotent (Lightning may call it again, e.g. when resuming). Subclasses call ``super()``
+        first and then build their own trainable modules.
+        """
+        if self.policy is None:
+            # train mode (transformers loads in eval): Lightning keeps each module's mode, and gradient
+            # checkpointing only acts in train mode; the rollout switches to eval mode itself
+            self.policy = self.shard(load_causal_lm(self.policy_spec).train())
+        if self.uses_reference and not self.reference_is_adapter_off and "reference" not in self._frozen:
+            spec = self.reference_spec or replace(self.policy_spec, lora=None, gradient_checkpointing=False)
+            self._frozen["reference"] = load_causal_lm(spec, trainable=False)
+        if self.reward_spec is not None and "reward" not in self._frozen:
+            self._frozen["reward"] = load_sequence_classifier(self.reward_spec, trainable=False)
+        if self.scorer is None:
+            n_sources = (self.reward_model is not None) + len(self.reward_functions)
+            weights = list(self.reward_weights or [1.0] * n_sources)
+            scorers, scorer_weights = [], []
+            if self.reward_model is not None:
+                scorers.append(RewardModelScorer(self.reward_model, batch_size=self.forward_batch_size))
+                scorer_weights.append(weights.pop(0))
+            if self.reward_functions:  # the remaining weights are the functions'
+                scorers.append(RewardFunctionScorer(self.reward_functions, weights))
+                scorer_weights.append(1.0)
+            self.scorer = CompositeScorer(scorers, scorer_weights)
+        if self.diagnostic_functions and self.diagnostic_scorer is None:
+            self.diagnostic_scorer = RewardFunctionScorer(self.diagnostic_functions)
+        for model in self._frozen.values():
+            freeze(model)
+
+    def exported_model(self) -> nn.Module:
+        return self.policy
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The policy's trainable parameters (what the actor optimiser holds)."""
+        return (p for p in self.policy.parameters() if p.requires_grad)
+
+    @contextlib.contextmanager
+    def frozen_on_device(self, name: str) -> Iterator[nn.Module | None]:
+        """The frozen model ``name`` (``"reference"``/``"reward"``) on ``self.device`` for the block;
+        back on the CPU after it when ``offload_frozen``."""
+        model = self._frozen.get(name)
+        if model is not None:
+            model.to(self.device)
+        try:
+            yield model
+        finally:
+            if model is not None and self.offload_frozen:
+                model.to("cpu")
+
+    # ---------------------------------------------------------------------------- optimisation
+
+    def build_actor_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW on ``trainable_parameters()`` with the ``optim`` schedule over rollout steps."""
+        opt = build_optimizer(self.trainable_parameters(), self.optim)
+        return opt, build_scheduler(opt, self.optim, self.total_rollout_steps())
+
+    def total_rollout_steps(self) -> int:
+        return self.schedule_steps or total_training_steps(self)
+
+    def configure_optimizers(self):
+        opt, sched = self.build_actor_optimizer()
+        self._schedulers = [sched]
+        return [opt], [sched]
+
+    def schedulers(self) -> list:
+        """The LR schedulers, under a Trainer (``self.lr_schedulers()``) or Fabric (as configured)."""
+        if self._fabric is not None or self._trainer is None:
+            return list(self._schedulers)
+        scheds = self.lr_schedulers()
+        return [] if scheds is None else list(scheds) if isinstance(scheds, list) else [scheds]
+
+    def optimizer_list(self) -> list:
+        opts = self.optimizers()
+        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
+
+    def clip_and_step(self, optimizer, max_grad_norm: float | None) -> None:
+        """Clip the gradients (through Lightning, so precision plugins unscale first), step, zero."""
+        if max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def minibatches(self, n: int, mini_batch_size: int | None) -> list[torch.Tensor]:
+        """A shuffled partition of ``range(n)`` into index tensors of ``mini_batch_size`` (the last
+        may be shorter), drawn from the rollout generator."""
+        size = mini_batch_size or n
+        perm = torch.randperm(n, generator=self.generator, device=self.generator.device).to(self.device)
+        return list(perm.split(size))
+
+    # --------------------------------------------------------------------------------- rollout
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The rollout's own random generator, on ``self.device``, seeded ``seed + global_rank``."""
+        if self._generator is None or self._generator.device != self.device:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(self.seed + self.global_rank)
+            if self._pending_generator_state is not None:
+                g.set_state(self._pending_generator_state)
+                self._pending_generator_state = None
+            elif self._generator is not None:  # device changed: carry the state over when possible
+                with contextlib.suppress(RuntimeError):
+                    g.set_state(self._generator.get_state())
+            self._generator = g
+        return self._generator
+
+    def eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        config_eos = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)
+        if isinstance(config_eos, int):
+            ids.add(config_eos)
+        elif config_eos:
+            ids.update(config_eos)
+        return sorted(i for i in ids if i is not None)
+
+    def generate(self, batch: dict) -> Rollout:
+        """Sample responses to the prompt batch from the policy (eval mode, KV cache, no grad)."""
+        g = self.generation
+        return sample_rollout(
+            self.policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            num_samples=g.num_samples,
+            eos_token_id=self.eos_token_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            generator=self.generator,
+        )
+
+    def score(self, rollout: Rollout, batch: dict) -> Scores:
+        """Score each row with the reward sources, compute the diagnostics, and shape the scores."""
+        idx = rollout.prompt_index.tolist()
+        prompts = [batch["prompt"][i] for i in idx]
+        extra = [batch["extra"][i] for i in idx] if "extra" in batch else [{} for _ in idx]
+        completions = rollout.decode_responses(self.tokenizer)
+        with self.frozen_on_device("reward"):
+            raw, parts = self.scorer(rollout, prompts, completions, extra)
+        diagnostics = {}
+        if self.diagnostic_scorer is not None:
+            _, diagnostics = self.diagnostic_scorer(rollout, prompts, completions, extra)
+        raw = raw.float().to(self.device)
+        return Scores(
+            rewards=self.shape_scores(raw, rollout.finished),
+            raw=raw,
+            parts=parts,
+            diagnostics=diagnostics,
+            prompts=prompts,
+            completions=completions,
+        )
+
+    def shape_scores(self, raw: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """Missing-EOS penalty, then running normalisation, then clipping: ``(N,)`` -> ``(N,)``."""
+        r = raw.clone()
+        if self.missing_eos_penalty is not None:
+            r = r - self.missing_eos_penalty * (~finished.to(r.device)).float()
+        if self.normalize_rewards:
+            self.reward_moments.update(self._gather(r))
+            r = (r - self.reward_moments.mean) / (self.reward_moments.std + 1e-8)
+        if self.reward_clip is not None:
+            r = r.clamp(-self.reward_clip, self.reward_clip)
+        return r
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` from every rank, flattened (``x`` itself on one process)."""
+        world = self.trainer.world_size if (self._trainer is not None or self._fabric is not None) else 1
+        return self.all_gather(x).flatten() if world > 1 else x
+
+    def _chunked(self, fn: Callable[[Rollout], torch.Tensor | tuple], rollout: Rollout):
+        """``fn`` over chunks of ``forward_batch_size`` rows, outputs (a tensor or a tuple) concatenated."""
+        step = self.forward_batch_size or len(rollout)
+        outs = [fn(rollout.select(slice(i, i + step))) for i in range(0, len(rollout), step)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def policy_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """``(N, R)`` fp32 log-probs of the responses under the current policy (eval mode, no grad)."""
+        t = self.generation.temperature
+        with eval_mode(self.policy):
+            return self._chunked(lambda r: r.response_logprobs(self.policy, t)[0], rollout)
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
+        """``(N, R)`` fp32 log-probs under the frozen reference (None when the KL penalty is off)."""
+        if not self.uses_reference:
+            return None
+        t = self.generation.temperature
+        if self.reference_is_adapter_off:
+            with eval_mode(self.policy), self.policy.disable_adapter():
+                return self._chunked(lambda r: r.response_logprobs(self.policy, t)[0], rollout)
+        with self.frozen_on_device("reference") as ref:
+            return self._chunked(lambda r: r.response_logprobs(ref, t)[0], rollout)
+
+    def kl_shaped_rewards(
+        self,
+        scores: torch.Tensor,
+        logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token rewards: ``-kl_coef * kl_t`` on every response token, plus the sequence score on
+        the last one (Ziegler et al. 2019; InstructGPT).
+
+        Args:
+            scores: ``(N,)`` shaped sequence scores.
+            logprobs: ``(N, R)`` old policy log-probs; ``ref_logprobs``: ``(N, R)`` or None (no KL).
+            mask: ``(N, R)`` response mask.
+
+        Returns:
+            ``(rewards (N, R), kl (N, R))``, both 0 off the mask.
+        """
+        if ref_logprobs is None:
+            kl = torch.zeros_like(logprobs)
+        else:
+            kl = kl_penalty(logprobs, ref_logprobs, kind=self.kl_estimator, mask=mask)  # (N, R)
+        rewards = -self.kl_ctl.value * kl
+        last = (mask.sum(-1) - 1).clamp(min=0)  # (N,) index of the last response token
+        rows = torch.arange(len(scores), device=rewards.device)
+        rewards[rows, last] += scores.to(rewards.dtype)
+        return rewards, kl
+
+    def update_kl_controller(self, kl: torch.Tensor, mask: torch.Tensor) -> None:
+        """Feed the adaptive controller the mean per-sequence KL of this rollout (``N`` rows)."""
+        seq_kl = self._gather((kl * mask).sum(-1))
+        self.kl_ctl.update(float(seq_kl.mean()), n_steps=int(seq_kl.numel()))
+
+    # --------------------------------------------------------------------------------- logging
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Time the block; logged as ``time/<phase>`` (seconds) by ``log_rollout``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+
+    def rollout_metrics(self, rollout: Rollout, scores: Scores, kl: torch.Tensor | None) -> dict[str, float]:
+        mask = rollout.response_mask
+        metrics = {
+            "rollout/reward_mean": float(scores.raw.mean()),
+            "rollout/reward_std": float(scores.raw.std()) if len(scores.raw) > 1 else 0.0,
+            "rollout/reward_shaped_mean": float(scores.rewards.mean()),
+            "rollout/response_len": float(mask.sum(-1).float().mean()),
+            "rollout/truncated_frac": float((~rollout.finished).float().mean()),
+            "rollout/kl_coef": float(self.kl_ctl.value),
+        }
+        if kl is not None and self.uses_reference:
+            metrics["rollout/kl"] = float((kl * mask).sum(-1).mean())
+            metrics["rollout/kl_token"] = float(masked_mean(kl, mask))
+        for name, part in scores.parts.items():
+            metrics[f"rollout/reward/{name}"] = float(part.nanmean())
+        for name, part in scores.diagnostics.items():
+            metrics[f"rollout/diag/{name}"] = float(part.nanmean())
+        if self.normalize_rewards:
+            metrics["rollout/reward_running_mean"] = self.reward_moments.mean
+            metrics["rollout/reward_running_std"] = self.reward_moments.std
+        return metrics
+
+    def log_rollout(
+        self, rollout: Rollout, scores: Scores, kl: torch.Tensor | None, extra: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """Log the rollout's metrics, the phase timings, learning rates and ``extra``; every
+        ``log_samples_every_n_steps`` a table of samples. Returns what was logged."""
+        metrics = self.rollout_metrics(rollout, scores, kl)
+        metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+        for name, opt in zip(self.optimizer_names(), self.optimizer_list(), strict=False):
+            metrics[f"train/lr_{name}"] = float(opt.param_groups[0]["lr"])
+        metrics.update(extra or {})
+        metrics["rollout/step"] = float(self.rollout_step)
+        self.log_dict(metrics, batch_size=len(rollout))
+        self.log("rollout/reward", metrics["rollout/reward_mean"], prog_bar=True, batch_size=len(rollout))
+        self.timings = {}
+        self.last_samples = [
+            {"prompt": str(p), "response": c, "reward": float(r)}
+            for p, c, r in zip(scores.prompts, scores.completions, scores.raw.tolist(), strict=True)
+        ]
+        n = self.log_samples_every_n_steps
+        if n and self.rollout_step % n == 0:
+            self.log_samples()
+        return metrics
+
+    def optimizer_names(self) -> list[str]:
+        """Names of the optimisers in ``optimizers()`` order, for the ``train/lr_<name>`` metrics."""
+        return ["actor"]
+
+    def log_samples(self, max_rows: int = 16) -> None:
+        """A table of (step, prompt, response, reward) to W&B, when the logger is a ``WandbLogger``."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        rows = [
+            [self.rollout_step, s["prompt"], s["response"], s["reward"]] for s in self.last_samples[:max_rows]
+        ]
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text(
+                    key="rollout/samples", columns=["step", "prompt", "response", "reward"], data=rows
+                )
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def online_state_dict(self) -> dict:
+        """State outside the modules and optimisers: KL controller, reward normaliser, rollout RNG,
+        step counter. Saved in Lightning checkpoints (``on_save_checkpoint``); Fabric users save it
+        themselves next to the module and optimisers."""
+        return {
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "reward_moments": self.reward_moments.state_dict(),
+            "generator": self.generator.get_state(),
+            "rollout_step": self.rollout_step,
+        }
+
+    def load_online_state_dict(self, state: dict) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.reward_moments.load_state_dict(state["reward_moments"])
+        self.rollout_step = int(state["rollout_step"])
+        self._pending_generator_state = state["generator"].cpu()
+        self._generator = None  # rebuilt (with this state) on first use, on the right device
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["online_rl"] = self.online_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "online_rl" in checkpoint:
+            self.load_online_state_dict(checkpoint["online_rl"])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        n = self.save_every_n_steps
+        if n and self.output_dir and self.rollout_step % n == 0:
+            # every rank calls it (FSDP2 gathers the full weights); rank 0 writes
+            path = self.save_pretrained(Path(self.output_dir) / f"step-{self.rollout_step}")
+            if path is not None:
+                rank_zero_info(
+                    f"[{type(self).__name__}] saved the policy at rollout step {self.rollout_step} to {path}"
+                )
+
+
+def take(rollout: Rollout, idx: torch.Tensor, *tensors: torch.Tensor) -> tuple[Rollout, ...]:
+    """Rows ``idx`` of a rollout and of ``(N, R)`` tensors aligned with its responses, trimmed to the
+    columns those rows use (all-pad prompt columns on the left, response columns after the longest
+    response), so that a mini-batch of short responses runs a short forward.
+
+    Returns ``(rollout, *tensors)`` for the selected rows.
+    """
+    mb = rollout.select(idx)
+    r = max(1, int(mb.response_mask.sum(-1).max()))
+    used = mb.prompt_mask.any(0).nonzero()
+    p0 = int(used[0]) if len(used) else 0
+    mb = Rollout(
+        prompt_ids=mb.prompt_ids[:, p0:],
+        prompt_mask=mb.prompt_mask[:, p0:],
+        response_ids=mb.response_ids[:, :r],
+        response_mask=mb.response_mask[:, :r],
+        logprobs=mb.logprobs[:, :r],
+        finished=mb.finished,
+        prompt_index=mb.prompt_index,
+    )
+    return (mb, *(t[idx][:, :r] for t in tensors))

@@ -1,0 +1,248 @@
+"""OnlineRLModule (what PPO and GRPO share): frozen models, scoring and shaping, KL rewards, state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from lightning_rlhf.models import LoraSpec, ModelSpec, load_causal_lm
+from lightning_rlhf.models.forward import sequence_logprobs
+from lightning_rlhf.rollout import Rollout
+from lightning_rlhf.stages import GenerationSpec, OnlineRLModule
+from lightning_rlhf.stages.online import RunningMoments, take
+
+
+def count_great(prompts, completions, **_):
+    """Test reward: how many times a response says 'great'."""
+    return [float(c.split().count("great")) for c in completions]
+
+
+def length_reward(prompts, completions, **_):
+    return [float(len(c.split())) for c in completions]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and far faster than two on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory, demo_tokenizer):
+    """A tiny random one-label Llama sequence classifier with the demo tokenizer."""
+    tok = demo_tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None, num_labels=1,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("tiny-rm")
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def prompt_batch(tokenizer, texts=("review the phone .", "what do you think of the lamp ?")) -> dict:
+    prompts = [[{"role": "user", "content": t}] for t in texts]
+    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
+    ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
+    width = max(map(len, ids))
+    return {
+        "input_ids": torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+        "prompt": prompts,
+        "extra": [{} for _ in prompts],
+        "index": torch.arange(len(prompts)),
+    }
+
+
+def module(policy, **kw) -> OnlineRLModule:
+    kw.setdefault("generation", GenerationSpec(max_new_tokens=6))
+    m = OnlineRLModule(policy=str(policy) if not isinstance(policy, ModelSpec) else policy, **kw)
+    m.configure_model()
+    return m
+
+
+def test_running_moments_match_the_whole_stream_and_round_trip():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, generator=g) * 3 + 1 for n in (5, 1, 17, 8)]
+    rm = RunningMoments()
+    for c in chunks:
+        rm.update(c)
+    allx = torch.cat(chunks).double()
+    assert rm.mean == pytest.approx(float(allx.mean()), abs=1e-12)
+    assert rm.std == pytest.approx(float(allx.std()), abs=1e-12)
+    other = RunningMoments()
+    other.load_state_dict(copy.deepcopy(rm.state_dict()))
+    assert (other.mean, other.std, other.count) == (rm.mean, rm.std, rm.count)
+
+
+def test_each_score_shaping_option_changes_the_scores(tiny_model_dir):
+    raw = torch.tensor([3.0, -1.0, 0.5, 10.0])
+    finished = torch.tensor([True, False, True, False])
+    plain = module(tiny_model_dir, reward_functions=[f"{__name__}.count_great"], kl_coef=0.0)
+    assert torch.equal(plain.shape_scores(raw, finished), raw)
+
+    pen = module(
+        tiny_model_dir, reward_functions=[f"{__name__}.count_great"], kl_coef=0.0, missing_eos_penalty=2.0
+    )
+    assert pen.shape_scores(raw, finished).tolist() == [3.0, -3.0, 0.5, 8.0]
+
+    clip = module(tiny_model_dir, reward_functions=[f"{__name__}.count_great"], kl_coef=0.0, reward_clip=1.0)
+    assert clip.shape_scores(raw, finished).tolist() == [1.0, -1.0, 0.5, 1.0]
+
+    norm = module(
+        tiny_model_dir, reward_functions=[f"{__name__}.count_great"], kl_coef=0.0, normalize_rewards=True
+    )
+    out = norm.shape_scores(raw, finished)
+    assert torch.allclose(out, (raw - raw.mean()) / raw.std(), atol=1e-6)
+    assert norm.reward_moments.count == 4 and "reward_moments" in norm.online_state_dict()
+
+
+def test_kl_shaped_rewards_put_the_score_on_the_last_response_token(tiny_model_dir):
+    m = module(tiny_model_dir, reward_functions=[f"{__name__}.count_great"], kl_coef=0.5)
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])  # row 1 stopped after one token
+    rewards, kl = m.kl_shaped_rewards(torch.tensor([10.0, 20.0]), logprobs, ref, mask)
+    # k1 = logprobs - ref on the mask: row 0 [0.5, -1, 0], row 1 [1, 0, 0]; reward = -0.5 * kl (+ score at the end)
+    assert kl.tolist() == [[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert rewards.tolist() == [[-0.25, 0.5, 10.0], [19.5, 0.0, 0.0]]
+
+
+def test_frozen_models_are_not_registered_nor_in_state_dict(tiny_model_dir, rm_dir):
+    m = module(tiny_model_dir, reward_model=str(rm_dir))
+    assert m.reference is not None and m.reward_model is not None
+    names = {n for n, _ in m.named_modules()}
+    assert "policy" in names and not any(n.startswith(("_frozen", "reference", "reward")) for n in names)
+    assert all(k.startswith("policy.") for k in m.state_dict())
+    for frozen in (m.reference, m.reward_model):
+        assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    # the reference is a second copy of the policy's weights, not the same tensors
+    assert m.reference.lm_head.weight.data_ptr() != m.policy.lm_head.weight.data_ptr()
+    assert torch.equal(m.reference.lm_head.weight, m.policy.lm_head.weight)
+
+
+def test_no_kl_means_no_reference_model(tiny_model_dir):
+    m = module(tiny_model_dir, reward_functions=[f"{__name__}.count_great"], kl_coef=0.0)
+    assert m.reference is None and not m.uses_reference
+    rollout = m.generate(prompt_batch(m.tokenizer))
+    assert m.reference_logprobs(rollout) is None
+
+
+def test_lora_reference_is_the_policy_with_its_adapter_disabled(tiny_model_dir):
+    spec = ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=4, alpha=8))
+    m = module(spec, reward_functions=[f"{__name__}.count_great"])
+    assert m.reference_is_adapter_off and m.reference is None
+    with torch.no_grad():  # move the adapter away from its zero init, so policy != base
+        for name, p in m.policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    rollout = m.generate(prompt_batch(m.tokenizer))
+    ref = m.reference_logprobs(rollout)
+    base = load_causal_lm(str(tiny_model_dir), trainable=False)
+    expected, _ = rollout.response_logprobs(base, 1.0)
+    assert torch.allclose(ref, expected, atol=1e-5)
+    assert not torch.allclose(m.policy_logprobs(rollout), expected, atol=1e-3)
+
+
+def test_generation_spec_gives_num_samples_rows_per_prompt_and_old_logprobs(tiny_model_dir):
+    m = module(tiny_model_dir, reward_functions=[f"{__name__}.count_great"],
+               generation=GenerationSpec(max_new_tokens=5, num_samples=3, temperature=0.7))  # fmt: skip
+    rollout = m.generate(prompt_batch(m.tokenizer))
+    assert len(rollout) == 6 and rollout.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    assert rollout.response_ids.shape[1] <= 5
+    # the recorded log-probs are those of a training forward at the sampling temperature
+    assert torch.allclose(m.policy_logprobs(rollout), rollout.logprobs, atol=1e-5)
+
+
+def test_score_weights_reward_sources_and_logs_diagnostics_apart(tiny_model_dir, rm_dir):
+    m = module(
+        tiny_model_dir,
+        reward_model=str(rm_dir),
+        reward_functions=[f"{__name__}.length_reward"],
+        reward_weights=[2.0, 0.5],
+        diagnostic_functions=[f"{__name__}.count_great"],
+    )
+    batch = prompt_batch(m.tokenizer)
+    rollout = m.generate(batch)
+    scores = m.score(rollout, batch)
+    rm, length = scores.parts["reward_model"], scores.parts["length_reward"]
+    assert torch.allclose(scores.raw, 2.0 * rm + 0.5 * length)
+    assert set(scores.diagnostics) == {"count_great"}
+    assert scores.completions == rollout.decode_responses(m.tokenizer)
+    metrics = m.rollout_metrics(rollout, scores, torch.zeros_like(rollout.logprobs))
+    assert "rollout/diag/count_great" in metrics and "rollout/reward/length_reward" in metrics
+
+
+def test_reward_weights_must_match_the_sources(tiny_model_dir):
+    with pytest.raises(ValueError, match="reward_weights"):
+        OnlineRLModule(
+            policy=str(tiny_model_dir), reward_functions=[f"{__name__}.count_great"], reward_weights=[1, 2]
+        )
+    with pytest.raises(ValueError, match="reward_model"):
+        OnlineRLModule(policy=str(tiny_model_dir))
+
+
+def test_take_trims_a_minibatch_to_the_columns_it_uses(tiny_model_dir):
+    rollout = Rollout(
+        prompt_ids=torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 4, 5, 6]]),
+        prompt_mask=torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]),
+        response_ids=torch.tensor([[11, 2, 0, 0], [12, 13, 14, 15], [16, 17, 2, 0]]),
+        response_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]),
+        logprobs=torch.randn(3, 4),
+        finished=torch.tensor([True, False, True]),
+        prompt_index=torch.arange(3),
+    )
+    values = torch.arange(12.0).view(3, 4)
+    mb, v = take(rollout, torch.tensor([2, 0]), values)
+    assert mb.prompt_ids.tolist() == [[4, 5, 6], [0, 5, 6]]
+    assert mb.response_ids.tolist() == [[16, 17, 2], [11, 2, 0]]
+    assert v.tolist() == [[8.0, 9.0, 10.0], [0.0, 1.0, 2.0]]
+    # the trimmed rows give the same log-probs as the untrimmed ones
+    model = load_causal_lm(str(tiny_model_dir), trainable=False)
+    full = rollout.select(torch.tensor([2, 0]))
+    with torch.no_grad():
+        a, _ = full.response_logprobs(model)
+        b, _ = mb.response_logprobs(model)
+    assert torch.allclose(a[:, :3], b, atol=1e-5)
+
+
+def test_online_state_round_trips_kl_moments_generator_and_step(tiny_model_dir):
+    m = module(
+        tiny_model_dir, reward_functions=[f"{__name__}.count_great"], kl_target=1.0, normalize_rewards=True
+    )
+    m.kl_ctl.update(5.0, n_steps=1000)
+    m.reward_moments.update(torch.tensor([1.0, 2.0, 4.0]))
+    m.rollout_step = 7
+    torch.rand(3, generator=m.generator)
+    state = copy.deepcopy(m.online_state_dict())
+    expected = torch.rand(4, generator=m.generator)
+
+    other = module(
+        tiny_model_dir, reward_functions=[f"{__name__}.count_great"], kl_target=1.0, normalize_rewards=True
+    )
+    other.load_online_state_dict(state)
+    assert other.kl_ctl.value == m.kl_ctl.value != 0.05
+    assert other.reward_moments.state_dict() == m.reward_moments.state_dict()
+    assert other.rollout_step == 7
+    assert torch.equal(torch.rand(4, generator=other.generator), expected)
+
+
+def test_sequence_logprobs_of_the_rollout_match_the_forward_helper(tiny_model_dir):
+    """Guard on the contract the stages rely on: Rollout.response_logprobs == sequence_logprobs' tail."""
+    m = module(tiny_model_dir, reward_functions=[f"{__name__}.count_great"], kl_coef=0.0)
+    rollout = m.generate(prompt_batch(m.tokenizer))
+    ids, mask, pos = rollout.sequences()
+    with torch.no_grad():
+        full, _ = sequence_logprobs(m.policy, ids, mask, pos)
+        tail, _ = rollout.response_logprobs(m.policy)
+    r = rollout.response_ids.shape[1]
+    assert torch.allclose(full[:, -r:] * rollout.response_mask, tail, atol=1e-5)
