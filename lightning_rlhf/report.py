@@ -13,7 +13,7 @@ CURVES = {
     "ppo": [("rollout/reward_mean", "PPO proxy reward"), ("rollout/diag/gold_reward", "PPO gold reward"), ("rollout/kl", "PPO KL")],
     "dpo": [("train/rewards/margins", "DPO reward margin"), ("val/rewards/accuracies", "DPO val accuracy")],
     "grpo": [("rollout/reward_mean", "GRPO proxy reward"), ("rollout/diag/gold_reward", "GRPO gold reward")],
-    "grpo_reverse": [("rollout/reward_mean", "GRPO exact match (reverse task)")],
+    "grpo_sentiment": [("rollout/reward_mean", "GRPO exact match (sentiment task)")],
 }
 
 

@@ -1,0 +1,399 @@
+"""Critic-free online RL from groups of samples: GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO's tricks.
+
+One ``training_step`` = one batch of prompts, in the order of the papers' pseudocode::
+
+    rollout, scores = self.sample_groups(batch)          # G samples per prompt, scored (DAPO: refilled)
+    ref_logprobs = self.reference_logprobs(rollout)      # only with beta > 0
+    old_logprobs = self.old_logprobs(rollout)            # only when the policy moves before a row is used
+    rewards = self.sequence_rewards(scores, kl)          # minus beta * KL with kl_in_reward
+    advantages = self.advantages(rewards)                # core.group_advantages, flat groups -> 0
+    self.optimise(rollout, old_logprobs, ref_logprobs, advantages)   # iterations x mini-batches
+    self.log_rollout(...)
+
+Rollout, scoring, reference and logging are :class:`~lightning_rlhf.stages.online.OnlineRLModule`'s;
+this file only holds what differs from PPO: no critic, sequence-level group advantages, a KL term in
+the loss instead of the reward, and dynamic sampling.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+from typing import Literal
+
+import torch
+
+from ..core import group_advantages, kl_penalty, masked_mean, ppo_policy_loss
+from ..core.losses import _aggregate
+from ..models import ModelSpec
+from ..rollout import Rollout
+from .online import GenerationSpec, OnlineRLModule, Scores, take
+
+
+class GRPOModule(OnlineRLModule):
+    """Group-relative policy optimisation and its relatives; no critic.
+
+    Each prompt is sampled ``num_generations`` times; each response's sequence reward is compared
+    with the others of its group (:func:`~lightning_rlhf.core.group_advantages`) and the advantage is
+    spread over its tokens in the clipped surrogate of :func:`~lightning_rlhf.core.ppo_policy_loss`.
+
+    Recipes (options of this class):
+
+    - GRPO (Shao et al. 2024, DeepSeekMath): ``advantage_estimator: grpo``, ``scale_by_std: true``,
+      ``loss_agg: seq_mean_token_mean``, ``beta: 0.04`` (k3 KL in the loss).
+    - Dr. GRPO (Liu et al. 2025): ``scale_by_std: false``, ``loss_agg: seq_mean_token_sum``, ``beta: 0``.
+    - RLOO (Ahmadian et al. 2024): ``advantage_estimator: rloo``, ``kl_in_reward: true`` (or ``beta: 0``).
+    - REINFORCE++-baseline (Hu 2025): ``advantage_estimator: reinforce_pp``.
+    - DAPO (Yu et al. 2025): ``clip_eps_high: 0.28``, ``loss_agg: token_mean``,
+      ``dynamic_sampling: true``, ``beta: 0``.
+
+    Old log-probs: with ``num_iterations: 1`` and one optimiser step per rollout (``mini_batch_size``
+    unset or >= the rollout's rows) the rollout policy *is* the current one, so the ratio's
+    denominator is ``logprobs.detach()`` of the training forward itself: no extra forward. Otherwise
+    the policy has moved before some rows are used, and the old log-probs are computed once per
+    rollout (``recompute_logprobs``) or taken from sampling.
+
+    Zero-signal groups: a group whose scores are all equal (``rollout/zero_std_frac``) gets
+    advantage exactly 0 (the estimators' ``r - mean`` can be a rounding error, which ``/ (std + eps)``
+    would blow up), so it contributes no policy gradient.
+
+    Dynamic sampling (DAPO): groups with all-equal scores are dropped, and the *same* prompt batch is
+    sampled again (fresh groups for every prompt), keeping groups with signal, until the batch holds
+    as many groups as it has prompts, or ``max_resample_rounds`` extra rounds were spent. The step
+    then trains on the groups it has (possibly fewer, possibly two groups of one prompt); with none
+    at all it skips the update. Logged: ``rollout/sampling_rounds``, ``rollout/groups``.
+
+    Args:
+        policy: the policy (see ``OnlineRLModule``).
+        num_generations: samples per prompt (the group size G); sets ``generation.num_samples``.
+        advantage_estimator: ``grpo`` (``(r - mean) / std``), ``rloo`` (leave-one-out baseline) or
+            ``reinforce_pp`` (group baseline, then batch whitening).
+        scale_by_std: divide GRPO advantages by the group std; False is Dr. GRPO.
+        num_iterations: optimisation passes over each rollout (GRPO's mu).
+        mini_batch_size: rollout rows per optimiser step (None: the whole rollout, one step per
+            iteration).
+        micro_batch_size: rows per forward/backward; gradients are accumulated over the mini-batch
+            (None: the mini-batch at once).
+        clip_eps: lower (and, by default, upper) ratio clip range.
+        clip_eps_high: upper clip range (DAPO's clip-higher, e.g. 0.28); None: ``clip_eps``.
+        dual_clip: dual-clip bound ``c > 1`` for negative advantages (None: off).
+        loss_agg: ``seq_mean_token_mean`` (GRPO), ``token_mean`` (DAPO) or ``seq_mean_token_sum``
+            (Dr. GRPO, normalised by ``generation.max_new_tokens``).
+        beta: KL coefficient to the reference (the initial one with ``kl_target``). 0: no KL and no
+            reference model is loaded at all.
+        kl_in_reward: subtract ``beta * sum_t KL_t`` (estimated on the rollout's sampled log-probs)
+            from each sequence reward before the group advantages, instead of adding
+            ``beta * KL`` to the loss.
+        kl_estimator: per-token KL estimator; ``k3`` as in GRPO (unbiased, non-negative).
+        entropy_coef: weight of an entropy bonus in the loss (0: off; entropy is logged either way).
+        recompute_logprobs: when old log-probs are needed (see above), recompute them with a no-grad
+            forward after sampling (True) or use those recorded while sampling (False).
+        dynamic_sampling: drop zero-variance groups and refill the batch (DAPO; see above).
+        max_resample_rounds: most extra sampling rounds per step with ``dynamic_sampling``.
+        generation: sampling settings of the rollout; its ``num_samples`` is ``num_generations``.
+        **kwargs: the options of ``OnlineRLModule`` (reward model / functions and weights,
+            diagnostic functions, reference, generation, ``kl_target``, reward shaping, ``optim``,
+            logging, export). Use ``beta``, not ``kl_coef``.
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec | str,
+        num_generations: int = 8,
+        advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo",
+        scale_by_std: bool = True,
+        num_iterations: int = 1,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        clip_eps: float = 0.2,
+        clip_eps_high: float | None = None,
+        dual_clip: float | None = None,
+        loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean",
+        beta: float = 0.04,
+        kl_in_reward: bool = False,
+        kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k3",
+        entropy_coef: float = 0.0,
+        recompute_logprobs: bool = True,
+        dynamic_sampling: bool = False,
+        max_resample_rounds: int = 3,
+        generation: GenerationSpec | None = None,
+        **kwargs,
+    ):
+        if "kl_coef" in kwargs:
+            raise ValueError("GRPOModule: set the KL coefficient with `beta`, not `kl_coef`")
+        if num_generations < 1 or num_iterations < 1 or max_resample_rounds < 0:
+            raise ValueError(
+                f"GRPOModule: num_generations ({num_generations}) and num_iterations ({num_iterations}) must be "
+                f">= 1, max_resample_rounds ({max_resample_rounds}) >= 0"
+            )
+        if advantage_estimator in ("rloo", "reinforce_pp") and num_generations < 2:
+            raise ValueError(
+                f"GRPOModule: advantage_estimator={advantage_estimator!r} needs num_generations >= 2"
+            )
+        generation = generation or GenerationSpec()
+        if generation.num_samples not in (1, num_generations):
+            raise ValueError(
+                f"GRPOModule: generation.num_samples={generation.num_samples} contradicts "
+                f"num_generations={num_generations}; set only num_generations"
+            )
+        generation = replace(generation, num_samples=num_generations)
+        super().__init__(policy, generation=generation, kl_coef=beta, kl_estimator=kl_estimator, **kwargs)
+        self.num_generations = num_generations
+        self.advantage_estimator = advantage_estimator
+        self.scale_by_std = scale_by_std
+        self.num_iterations = num_iterations
+        self.mini_batch_size = mini_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.clip_eps = clip_eps
+        self.clip_eps_high = clip_eps_high
+        self.dual_clip = dual_clip
+        self.loss_agg = loss_agg
+        self.beta = beta
+        self.kl_in_reward = kl_in_reward
+        self.entropy_coef = entropy_coef
+        self.recompute_logprobs = recompute_logprobs
+        self.dynamic_sampling = dynamic_sampling
+        self.max_resample_rounds = max_resample_rounds
+
+    # ------------------------------------------------------------------------------ one step
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollout, scores, stats = self.sample_groups(batch)
+        if stats.get("rollout/groups") == 0:  # dynamic sampling found no group with signal: skip
+            stats["train/skipped"] = 1.0  # the LR schedule advances per update: not here
+            self.rollout_step += 1
+            self.log_rollout(rollout, scores, None, stats)
+            return
+        mask = rollout.response_mask
+        with self.timed("forward"):
+            ref_logprobs = self.reference_logprobs(rollout)  # None when beta == 0
+            old_logprobs = self.old_logprobs(rollout)  # None: logprobs.detach() of the training forward
+        # per-token KL of the rollout, from the log-probs recorded while sampling (no extra forward)
+        kl = (
+            None
+            if ref_logprobs is None
+            else kl_penalty(rollout.logprobs, ref_logprobs, self.kl_estimator, mask)
+        )
+        rewards = self.sequence_rewards(scores.rewards, kl, mask)
+        advantages = self.advantages(rewards)
+        with self.timed("train"):
+            stats.update(self.optimise(rollout, old_logprobs, ref_logprobs, advantages))
+        stats["rollout/advantage_abs_mean"] = float(advantages.abs().mean())
+        self.rollout_step += 1
+        self.log_rollout(rollout, scores, kl, stats)
+        if kl is not None and self.kl_target is not None:
+            self.update_kl_controller(kl, mask)
+
+    # ------------------------------------------------------------------------------- sampling
+
+    def flat_groups(self, rewards: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
+        """``(N,)`` rewards -> ``(N / G,)`` bool: the group's rewards are all equal (no signal)."""
+        g = rewards.view(-1, self.num_generations)  # (num_prompts, G)
+        return (g.max(dim=1).values - g.min(dim=1).values) <= atol
+
+    def sample_groups(self, batch: dict) -> tuple[Rollout, Scores, dict[str, float]]:
+        """Sample and score G responses per prompt; with ``dynamic_sampling``, keep only groups with
+        signal and resample the batch until it is full (see the class docstring).
+
+        Returns ``(rollout, scores, stats)``. When dynamic sampling kept no group at all, the first
+        round's rollout and scores (for the logs) with ``stats["rollout/groups"] == 0``.
+        """
+        n_prompts = batch["input_ids"].shape[0]
+        kept: list[tuple[Rollout, Scores]] = []
+        n_kept, rounds, first = 0, 0, None
+        stats: dict[str, float] = {}
+        while True:
+            with self.timed("generate"):
+                rollout = self.generate(batch)
+            with self.timed("score"):
+                scores = self.score(rollout, batch)
+            rounds += 1
+            flat = self.flat_groups(scores.rewards)  # (n_prompts,)
+            if first is None:
+                first = (rollout, scores)
+                stats["rollout/zero_std_frac"] = float(flat.float().mean())
+            if not self.dynamic_sampling:
+                return rollout, scores, stats
+            groups = (~flat).nonzero().flatten()[: n_prompts - n_kept]
+            if len(groups):
+                rows = groups[:, None] * self.num_generations + torch.arange(
+                    self.num_generations, device=groups.device
+                )
+                rows = rows.flatten()
+                kept.append((rollout.select(rows), select_scores(scores, rows)))
+                n_kept += len(groups)
+            if n_kept >= n_prompts or rounds > self.max_resample_rounds:
+                break
+        stats["rollout/sampling_rounds"] = float(rounds)
+        stats["rollout/groups"] = float(n_kept)
+        if not kept:
+            return (*first, stats)
+        rollout = cat_rollouts([r for r, _ in kept], self.tokenizer.pad_token_id)
+        return rollout, cat_scores([s for _, s in kept]), stats
+
+    def old_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
+        """``(N, R)`` log-probs of the rollout policy, or None when the training forward's own
+        (detached) log-probs are exactly those: one iteration, one optimiser step."""
+        one_step = self.mini_batch_size is None or self.mini_batch_size >= len(rollout)
+        if self.num_iterations == 1 and one_step:
+            return None
+        if self.recompute_logprobs:
+            return self.policy_logprobs(rollout)
+        return rollout.logprobs.masked_fill(rollout.response_mask == 0, 0.0)
+
+    # ----------------------------------------------------------------------------- advantages
+
+    def sequence_rewards(
+        self, scores: torch.Tensor, kl: torch.Tensor | None, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``(N,)`` rewards of the group estimator: the shaped scores, minus ``beta * sum_t KL_t`` with
+        ``kl_in_reward``."""
+        if not self.kl_in_reward or kl is None:
+            return scores
+        return scores - self.kl_ctl.value * (kl * mask).sum(-1)
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` group advantages; exactly 0 for groups whose rewards are all equal."""
+        adv = group_advantages(rewards, self.num_generations, self.advantage_estimator, self.scale_by_std)
+        flat = self.flat_groups(rewards)  # (num_prompts,)
+        return adv.view(-1, self.num_generations).masked_fill(flat[:, None], 0.0).flatten()
+
+    # --------------------------------------------------------------------------- optimisation
+
+    def grpo_loss(
+        self,
+        mb: Rollout,
+        old_logprobs: torch.Tensor | None,
+        ref_logprobs: torch.Tensor | None,
+        advantages: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped surrogate + ``beta`` x KL to the reference - ``entropy_coef`` x entropy, on one
+        micro-batch (``(n, R)`` log-probs aligned with ``mb``'s responses, ``(n,)`` advantages).
+
+        ``old_logprobs=None``: the ratio's denominator is ``logprobs.detach()`` (ratio 1, gradient
+        ``A * grad log pi``)."""
+        logprobs, entropy = mb.response_logprobs(
+            self.policy, self.generation.temperature, return_entropy=True
+        )
+        mask = mb.response_mask
+        old = logprobs.detach() if old_logprobs is None else old_logprobs
+        max_len = self.generation.max_new_tokens  # constant normaliser of seq_mean_token_sum
+        pg_loss, pg = ppo_policy_loss(
+            logprobs,
+            old,
+            advantages,
+            mask,
+            clip_eps=self.clip_eps,
+            clip_eps_high=self.clip_eps_high,
+            dual_clip=self.dual_clip,
+            agg=self.loss_agg,
+            max_len=max_len,
+        )
+        loss = pg_loss
+        stats = {
+            "train/policy_loss": pg_loss.detach(),
+            "train/clipfrac": pg["clipfrac"],
+            "train/approx_kl": pg["approx_kl"],
+            "train/ratio_mean": pg["ratio_mean"],
+            "train/ratio_max": pg["ratio_max"],
+        }
+        if ref_logprobs is not None and not self.kl_in_reward:
+            kl = kl_penalty(logprobs, ref_logprobs, self.kl_estimator, mask)  # (n, R), grad through logprobs
+            kl_loss = _aggregate(kl, mask.bool(), self.loss_agg, max_len)
+            loss = loss + self.kl_ctl.value * kl_loss
+            stats["train/kl_loss"] = kl_loss.detach()
+        mean_entropy = masked_mean(entropy, mask)
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * mean_entropy
+        stats["train/entropy"] = mean_entropy.detach()
+        stats["train/loss"] = loss.detach()
+        return loss, stats
+
+    def optimise(
+        self,
+        rollout: Rollout,
+        old_logprobs: torch.Tensor | None,
+        ref_logprobs: torch.Tensor | None,
+        advantages: torch.Tensor,
+    ) -> dict[str, float]:
+        """``num_iterations`` x shuffled mini-batches, one optimiser step each, accumulated over
+        micro-batches; the LR schedule advances once per call. Returns the mean of each
+        ``train/`` statistic over all micro-batches."""
+        (opt,) = self.optimizer_list()
+        mask = rollout.response_mask
+        aligned = [t for t in (old_logprobs, ref_logprobs) if t is not None]  # (N, R) each
+        history: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for _ in range(self.num_iterations):
+            for mb_idx in self.minibatches(len(rollout), self.mini_batch_size):
+                mb_tokens = mask[mb_idx].sum()
+                for idx in mb_idx.split(self.micro_batch_size or len(mb_idx)):
+                    mb, *tensors = take(rollout, idx, *aligned)
+                    old = tensors.pop(0) if old_logprobs is not None else None
+                    ref = tensors.pop(0) if ref_logprobs is not None else None
+                    loss, stats = self.grpo_loss(mb, old, ref, advantages[idx])
+                    # weight so that the accumulated gradient is that of the whole mini-batch's loss
+                    share = (
+                        mb.response_mask.sum() / mb_tokens
+                        if self.loss_agg == "token_mean"
+                        else len(idx) / len(mb_idx)
+                    )
+                    self.manual_backward(loss * share)
+                    for k, v in stats.items():
+                        history[k].append(v)
+                self.clip_and_step(opt, self.optim.max_grad_norm)
+        for sched in self.schedulers():
+            sched.step()
+        return {k: float(torch.stack(v).float().mean()) for k, v in history.items()}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def select_scores(scores: Scores, rows: torch.Tensor) -> Scores:
+    """The ``Scores`` of rollout rows ``rows`` (a long tensor)."""
+    r = rows.tolist()
+    return Scores(
+        rewards=scores.rewards[rows.to(scores.rewards.device)],
+        raw=scores.raw[rows.to(scores.raw.device)],
+        parts={k: v[rows.to(v.device)] for k, v in scores.parts.items()},
+        diagnostics={k: v[rows.to(v.device)] for k, v in scores.diagnostics.items()},
+        prompts=[scores.prompts[i] for i in r],
+        completions=[scores.completions[i] for i in r],
+    )
+
+
+def cat_scores(parts: list[Scores]) -> Scores:
+    """Rows of several ``Scores`` one after the other (same keys in each)."""
+    return Scores(
+        rewards=torch.cat([s.rewards for s in parts]),
+        raw=torch.cat([s.raw for s in parts]),
+        parts={k: torch.cat([s.parts[k] for s in parts]) for k in parts[0].parts},
+        diagnostics={k: torch.cat([s.diagnostics[k] for s in parts]) for k in parts[0].diagnostics},
+        prompts=[p for s in parts for p in s.prompts],
+        completions=[c for s in parts for c in s.completions],
+    )
+
+
+def cat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Rows of several rollouts one after the other: prompts left-padded and responses right-padded
+    to the widest (``(N_i, P_i)`` / ``(N_i, R_i)`` -> ``(sum N_i, max P)`` / ``(sum N_i, max R)``)."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    p = max(r.prompt_ids.shape[1] for r in rollouts)
+    w = max(r.response_ids.shape[1] for r in rollouts)
+
+    def left(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (p - x.shape[1], 0), value=value)
+
+    def right(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, w - x.shape[1]), value=value)
+
+    return Rollout(
+        prompt_ids=torch.cat([left(r.prompt_ids, pad_token_id) for r in rollouts]),
+        prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in rollouts]),
+        response_ids=torch.cat([right(r.response_ids, pad_token_id) for r in rollouts]),
+        response_mask=torch.cat([right(r.response_mask, 0) for r in rollouts]),
+        logprobs=torch.cat([right(r.logprobs, 0.0) for r in rollouts]),
+        finished=torch.cat([r.finished for r in rollouts]),
+        prompt_index=torch.cat([r.prompt_index for r in rollouts]),
+    )
