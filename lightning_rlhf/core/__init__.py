@@ -7,12 +7,21 @@ returns tensors (shapes in its docstring), with explicit masks and documented re
 from lightning_rlhf.core.advantages import (
     AdaptiveKLController,
     FixedKLController,
+    flat_groups,
     gae,
     group_advantages,
     kl_penalty,
     whiten,
 )
-from lightning_rlhf.core.losses import dpo_loss, orpo_loss, ppo_policy_loss, reward_loss, sft_loss, value_loss
+from lightning_rlhf.core.losses import (
+    aggregate_loss,
+    dpo_loss,
+    orpo_loss,
+    ppo_policy_loss,
+    reward_loss,
+    sft_loss,
+    value_loss,
+)
 from lightning_rlhf.core.ops import (
     entropy_from_logits,
     logprobs_from_logits,
@@ -24,8 +33,10 @@ from lightning_rlhf.core.ops import (
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "aggregate_loss",
     "dpo_loss",
     "entropy_from_logits",
+    "flat_groups",
     "gae",
     "group_advantages",
     "kl_penalty",

@@ -12,7 +12,15 @@ from torch import Tensor
 
 from lightning_rlhf.core.ops import _bool_mask, masked_mean, masked_var
 
-__all__ = ["gae", "whiten", "group_advantages", "kl_penalty", "AdaptiveKLController", "FixedKLController"]
+__all__ = [
+    "gae",
+    "whiten",
+    "flat_groups",
+    "group_advantages",
+    "kl_penalty",
+    "AdaptiveKLController",
+    "FixedKLController",
+]
 
 
 def gae(
@@ -94,8 +102,29 @@ def whiten(
 _GROUP_METHODS = ("grpo", "rloo", "reinforce_pp")
 
 
+def flat_groups(rewards: Tensor, group_size: int, atol: float = 1e-6) -> Tensor:
+    """Which groups carry no signal: their rewards are all equal, up to ``atol``.
+
+    Args:
+        rewards: ``(N,)`` laid out as consecutive groups of ``group_size`` (as in
+            :func:`group_advantages`).
+        group_size: completions per prompt.
+        atol: largest ``max - min`` of a group's rewards that still counts as all equal.
+
+    Returns:
+        ``(N / group_size,)`` bool, True for a flat group.
+    """
+    g = rewards.detach().reshape(-1, group_size)  # (num_prompts, k)
+    return (g.max(dim=1).values - g.min(dim=1).values) <= atol
+
+
 def group_advantages(
-    rewards: Tensor, group_size: int, method: str = "grpo", scale_by_std: bool = True, eps: float = 1e-6
+    rewards: Tensor,
+    group_size: int,
+    method: str = "grpo",
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+    flat_atol: float = 1e-6,
 ) -> Tensor:
     """Critic-free, outcome-level advantages from groups of completions of the same prompt.
 
@@ -118,12 +147,20 @@ def group_advantages(
 
     ``scale_by_std`` only affects ``"grpo"``.
 
+    Flat groups (all rewards equal up to ``flat_atol``, :func:`flat_groups`) get advantage exactly 0
+    with every method: ``r - mean_g`` is then only a rounding error, which ``/ (std_g + eps)`` or the
+    batch whitening of ``reinforce_pp`` would blow up into a gradient. The other groups' advantages
+    are computed as if this rule did not exist (with ``reinforce_pp`` the flat groups still count in
+    the batch statistics).
+
     Args:
         rewards: ``(N,)`` with ``N = num_prompts * group_size``.
         group_size: completions per prompt.
         method: ``"grpo"``, ``"rloo"`` or ``"reinforce_pp"``.
         scale_by_std: divide by the group std (GRPO) or not (Dr. GRPO).
         eps: added to the std.
+        flat_atol: tolerance of "all rewards equal" (see :func:`flat_groups`); a negative value switches
+            the rule off.
 
     Returns:
         ``(N,)`` advantages (detached, floating point); broadcast them over response tokens with
@@ -155,7 +192,8 @@ def group_advantages(
     else:  # reinforce_pp
         a = g - mean
         adv = (a - a.mean()) / (a.std(unbiased=False) + eps)
-    return adv.reshape(-1)
+    flat = flat_groups(g.reshape(-1), group_size, flat_atol)  # (num_prompts,)
+    return adv.masked_fill(flat[:, None], 0.0).reshape(-1)
 
 
 _KL_KINDS = ("k1", "k2", "k3", "abs")

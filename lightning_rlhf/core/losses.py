@@ -23,13 +23,36 @@ from torch import Tensor
 
 from lightning_rlhf.core.ops import _bool_mask, logprobs_from_logits, masked_mean, masked_sum
 
-__all__ = ["sft_loss", "reward_loss", "dpo_loss", "orpo_loss", "ppo_policy_loss", "value_loss"]
+__all__ = [
+    "aggregate_loss",
+    "sft_loss",
+    "reward_loss",
+    "dpo_loss",
+    "orpo_loss",
+    "ppo_policy_loss",
+    "value_loss",
+]
 
 _AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
 
-def _aggregate(x: Tensor, m: Tensor, agg: str, max_len: int | None) -> Tensor:
-    """Reduce per-token ``x (B, T)`` over bool mask ``m (B, T)``; see the module docstring."""
+def aggregate_loss(x: Tensor, mask: Tensor, agg: str, max_len: int | None = None) -> Tensor:
+    """Reduce per-token values to a scalar loss over the real tokens (see the module docstring).
+
+    Args:
+        x: ``(B, T)`` per-token values (e.g. a per-token policy loss or KL); values off the mask
+            never count (nor get a gradient).
+        mask: ``(B, T)`` bool/0-1, 1 on real tokens.
+        agg: ``"token_mean"`` (``sum / number of real tokens``), ``"seq_mean_token_mean"`` (mean per
+            row, then mean over the rows with at least one real token) or ``"seq_mean_token_sum"``
+            (``sum / (B * max_len)``).
+        max_len: the constant normaliser of ``"seq_mean_token_sum"`` (e.g. the generation budget);
+            None: ``T``.
+
+    Returns:
+        A scalar; 0 when there is no real token (or no row).
+    """
+    m = _bool_mask(x, mask)
     if agg == "token_mean":
         return masked_mean(x, m)
     if agg == "seq_mean_token_mean":
@@ -89,7 +112,7 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Tensor, reduction: str = "tok
     if reduction == "sum":
         return nll.sum()
     if reduction == "seq_mean":
-        return _aggregate(nll, m, "seq_mean_token_mean", None)
+        return aggregate_loss(nll, m, "seq_mean_token_mean", None)
     return F.pad(nll, (1, 0))  # (B, T), column 0 has no prediction
 
 
@@ -309,7 +332,7 @@ def ppo_policy_loss(
         pg3 = -adv * dual_clip
         dual_active = (adv < 0) & (pg3 < pg)
         pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
-    loss = _aggregate(_zeros_where(m, pg), m, agg, max_len)
+    loss = aggregate_loss(_zeros_where(m, pg), m, agg, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg2 > pg1).to(ratio.dtype), m),
@@ -370,6 +393,6 @@ def value_loss(
         err_clip = (v_clip - ret).square()
         per_token = 0.5 * torch.maximum(err, err_clip)
         clipfrac = masked_mean((err_clip > err).to(err.dtype), m)
-    loss = _aggregate(_zeros_where(m, per_token), m, agg, max_len)
+    loss = aggregate_loss(_zeros_where(m, per_token), m, agg, max_len)
     stats = {"clipfrac": clipfrac.detach(), "value_mean": masked_mean(values.detach(), m)}
     return loss, stats

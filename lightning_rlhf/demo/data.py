@@ -31,8 +31,8 @@ from pathlib import Path
 
 from . import reverse, reviews, sentiment
 
-SIZES = dict(sft_train=3000, sft_val=200, pref_train=1500, pref_val=300, prompts_train=1024, prompts_eval=64)
-PAIR_NOISE = dict(repeat_prob=0.25, off_topic_prob=0.15)
+SIZES = dict(sft_train=3000, sft_val=200, pref_train=3000, pref_val=300, prompts_train=1024, prompts_eval=64)
+PAIR_NOISE = dict(repeat_prob=0.25, off_topic_prob=0.15, malformed_prob=0.15, max_sentences=4)
 REVERSE_SIZES = dict(sft_train=3000, sft_val=200, prompts_train=1024, prompts_eval=100)
 REVERSE_NOISE = 0.4
 SENTIMENT_SIZES = dict(sft_train=3000, sft_val=200, prompts_train=1024, prompts_eval=100)
@@ -60,8 +60,9 @@ def review_records(seed: int = 0) -> dict[str, list[dict]]:
         recs = []
         while len(recs) < SIZES[split]:
             prompt = reviews.sample_prompt(rng)
-            # Pairs see repetition and off-topic sentences more often than SFT data does, so the reward
-            # model learns that they are bad (it stays a proxy: few pairs, and only what they show).
+            # Pairs see repetition, off-topic, malformed and over-long responses more often than SFT data
+            # does, so the reward model learns that they are bad (it stays a proxy: it knows only what
+            # the pairs show).
             a, b = (reviews.sample_response(rng, reviews.product_of(prompt), **PAIR_NOISE) for _ in range(2))
             ga, gb = reviews.gold_reward(prompt, a), reviews.gold_reward(prompt, b)
             if ga == gb:

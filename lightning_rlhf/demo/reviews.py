@@ -146,17 +146,42 @@ def gold_reward(prompt: str, response: str) -> float:
     return max(GOLD_RANGE[0], min(GOLD_RANGE[1], total))
 
 
-def sample_response(rng: random.Random, product: str, *, repeat_prob: float = 0.08, off_topic_prob: float = 0.05) -> str:
-    """One response of the SFT distribution: 1-3 sentences of uniformly random sentiment."""
-    n = rng.randint(1, MAX_SENTENCES)
+def sample_response(
+    rng: random.Random,
+    product: str,
+    *,
+    repeat_prob: float = 0.08,
+    off_topic_prob: float = 0.05,
+    malformed_prob: float = 0.0,
+    max_sentences: int = MAX_SENTENCES,
+) -> str:
+    """One response: 1 to ``max_sentences`` sentences of uniformly random sentiment, some repeated,
+    some about another product, some malformed (a word dropped, doubled or a stray full stop)."""
+    n = rng.randint(1, max_sentences)
     sentences: list[str] = []
     for _ in range(n):
         if sentences and rng.random() < repeat_prob:
             sentences.append(rng.choice(sentences))
             continue
         subject = rng.choice([p for p in PRODUCTS if p != product]) if rng.random() < off_topic_prob else product
-        sentences.append(_sentence(rng, subject, rng.choice([-1, 0, 1])))
+        sentence = _sentence(rng, subject, rng.choice([-1, 0, 1]))
+        if rng.random() < malformed_prob:
+            sentence = _malform(rng, sentence)
+        sentences.append(sentence)
     return " ".join(sentences)
+
+
+def _malform(rng: random.Random, sentence: str) -> str:
+    words = sentence.split()
+    i = rng.randrange(len(words) - 1)
+    kind = rng.randrange(3)
+    if kind == 0:
+        del words[i]
+    elif kind == 1:
+        words.insert(i, words[i])
+    else:
+        words.append(".")
+    return " ".join(words)
 
 
 def sample_prompt(rng: random.Random) -> str:

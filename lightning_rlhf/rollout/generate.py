@@ -89,6 +89,35 @@ class Rollout:
         idx = torch.as_tensor(idx, device=self.prompt_ids.device)
         return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    @classmethod
+    def cat(cls, rollouts: Sequence[Rollout], pad_token_id: int) -> Rollout:
+        """Rows of several rollouts one after the other, padded to a common width: prompts on the
+        LEFT, responses on the right (`(N_i, P_i)` / `(N_i, R_i)` -> `(sum N_i, max P_i)` /
+        `(sum N_i, max R_i)`). The padding is masked out and positions count real tokens, so each
+        row's log-probs are unchanged. `prompt_index` is kept as is (it refers to each part's batch)."""
+        if not rollouts:
+            raise ValueError("Rollout.cat: no rollouts given")
+        if len(rollouts) == 1:
+            return rollouts[0]
+        p = max(r.prompt_ids.shape[1] for r in rollouts)
+        w = max(r.response_ids.shape[1] for r in rollouts)
+
+        def left(x: torch.Tensor, value) -> torch.Tensor:  # (n, P_i) -> (n, p)
+            return torch.nn.functional.pad(x, (p - x.shape[1], 0), value=value)
+
+        def right(x: torch.Tensor, value) -> torch.Tensor:  # (n, R_i) -> (n, w)
+            return torch.nn.functional.pad(x, (0, w - x.shape[1]), value=value)
+
+        return cls(
+            prompt_ids=torch.cat([left(r.prompt_ids, pad_token_id) for r in rollouts]),
+            prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in rollouts]),
+            response_ids=torch.cat([right(r.response_ids, pad_token_id) for r in rollouts]),
+            response_mask=torch.cat([right(r.response_mask, 0) for r in rollouts]),
+            logprobs=torch.cat([right(r.logprobs, 0.0) for r in rollouts]),
+            finished=torch.cat([r.finished for r in rollouts]),
+            prompt_index=torch.cat([r.prompt_index for r in rollouts]),
+        )
+
     def to(self, device: torch.device | str) -> Rollout:
         return Rollout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

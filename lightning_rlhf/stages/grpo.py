@@ -17,17 +17,15 @@ the loss instead of the reward, and dynamic sampling.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import replace
 from typing import Literal
 
 import torch
 
-from ..core import group_advantages, kl_penalty, masked_mean, ppo_policy_loss
-from ..core.losses import _aggregate
+from ..core import aggregate_loss, flat_groups, group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from ..models import ModelSpec
 from ..rollout import Rollout
-from .online import GenerationSpec, OnlineRLModule, Scores, take
+from .online import GenerationSpec, OnlineRLModule, Scores
 
 
 class GRPOModule(OnlineRLModule):
@@ -186,11 +184,6 @@ class GRPOModule(OnlineRLModule):
 
     # ------------------------------------------------------------------------------- sampling
 
-    def flat_groups(self, rewards: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
-        """``(N,)`` rewards -> ``(N / G,)`` bool: the group's rewards are all equal (no signal)."""
-        g = rewards.view(-1, self.num_generations)  # (num_prompts, G)
-        return (g.max(dim=1).values - g.min(dim=1).values) <= atol
-
     def sample_groups(self, batch: dict) -> tuple[Rollout, Scores, dict[str, float]]:
         """Sample and score G responses per prompt; with ``dynamic_sampling``, keep only groups with
         signal and resample the batch until it is full (see the class docstring).
@@ -208,7 +201,7 @@ class GRPOModule(OnlineRLModule):
             with self.timed("score"):
                 scores = self.score(rollout, batch)
             rounds += 1
-            flat = self.flat_groups(scores.rewards)  # (n_prompts,)
+            flat = flat_groups(scores.rewards, self.num_generations)  # (n_prompts,) no signal
             if first is None:
                 first = (rollout, scores)
                 stats["rollout/zero_std_frac"] = float(flat.float().mean())
@@ -220,7 +213,7 @@ class GRPOModule(OnlineRLModule):
                     self.num_generations, device=groups.device
                 )
                 rows = rows.flatten()
-                kept.append((rollout.select(rows), select_scores(scores, rows)))
+                kept.append((rollout.select(rows), scores.select(rows)))
                 n_kept += len(groups)
             if n_kept >= n_prompts or rounds > self.max_resample_rounds:
                 break
@@ -228,8 +221,8 @@ class GRPOModule(OnlineRLModule):
         stats["rollout/groups"] = float(n_kept)
         if not kept:
             return (*first, stats)
-        rollout = cat_rollouts([r for r, _ in kept], self.tokenizer.pad_token_id)
-        return rollout, cat_scores([s for _, s in kept]), stats
+        rollout = Rollout.cat([r for r, _ in kept], self.tokenizer.pad_token_id)
+        return rollout, Scores.cat([s for _, s in kept]), stats
 
     def old_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
         """``(N, R)`` log-probs of the rollout policy, or None when the training forward's own
@@ -253,10 +246,9 @@ class GRPOModule(OnlineRLModule):
         return scores - self.kl_ctl.value * (kl * mask).sum(-1)
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` group advantages; exactly 0 for groups whose rewards are all equal."""
-        adv = group_advantages(rewards, self.num_generations, self.advantage_estimator, self.scale_by_std)
-        flat = self.flat_groups(rewards)  # (num_prompts,)
-        return adv.view(-1, self.num_generations).masked_fill(flat[:, None], 0.0).flatten()
+        """``(N,)`` group advantages; exactly 0 for groups whose rewards are all equal
+        (``core.group_advantages`` guarantees it)."""
+        return group_advantages(rewards, self.num_generations, self.advantage_estimator, self.scale_by_std)
 
     # --------------------------------------------------------------------------- optimisation
 
@@ -299,7 +291,7 @@ class GRPOModule(OnlineRLModule):
         }
         if ref_logprobs is not None and not self.kl_in_reward:
             kl = kl_penalty(logprobs, ref_logprobs, self.kl_estimator, mask)  # (n, R), grad through logprobs
-            kl_loss = _aggregate(kl, mask.bool(), self.loss_agg, max_len)
+            kl_loss = aggregate_loss(kl, mask, self.loss_agg, max_len)
             loss = loss + self.kl_ctl.value * kl_loss
             stats["train/kl_loss"] = kl_loss.detach()
         mean_entropy = masked_mean(entropy, mask)
@@ -317,83 +309,17 @@ class GRPOModule(OnlineRLModule):
         advantages: torch.Tensor,
     ) -> dict[str, float]:
         """``num_iterations`` x shuffled mini-batches, one optimiser step each, accumulated over
-        micro-batches; the LR schedule advances once per call. Returns the mean of each
-        ``train/`` statistic over all micro-batches."""
+        micro-batches (``OnlineRLModule.optimise_minibatches``); the LR schedule advances once per
+        call. Returns the mean of each ``train/`` statistic over all micro-batches."""
         (opt,) = self.optimizer_list()
-        mask = rollout.response_mask
-        aligned = [t for t in (old_logprobs, ref_logprobs) if t is not None]  # (N, R) each
-        history: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for _ in range(self.num_iterations):
-            for mb_idx in self.minibatches(len(rollout), self.mini_batch_size):
-                mb_tokens = mask[mb_idx].sum()
-                for idx in mb_idx.split(self.micro_batch_size or len(mb_idx)):
-                    mb, *tensors = take(rollout, idx, *aligned)
-                    old = tensors.pop(0) if old_logprobs is not None else None
-                    ref = tensors.pop(0) if ref_logprobs is not None else None
-                    loss, stats = self.grpo_loss(mb, old, ref, advantages[idx])
-                    # weight so that the accumulated gradient is that of the whole mini-batch's loss
-                    share = (
-                        mb.response_mask.sum() / mb_tokens
-                        if self.loss_agg == "token_mean"
-                        else len(idx) / len(mb_idx)
-                    )
-                    self.manual_backward(loss * share)
-                    for k, v in stats.items():
-                        history[k].append(v)
-                self.clip_and_step(opt, self.optim.max_grad_norm)
-        for sched in self.schedulers():
-            sched.step()
-        return {k: float(torch.stack(v).float().mean()) for k, v in history.items()}
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-
-def select_scores(scores: Scores, rows: torch.Tensor) -> Scores:
-    """The ``Scores`` of rollout rows ``rows`` (a long tensor)."""
-    r = rows.tolist()
-    return Scores(
-        rewards=scores.rewards[rows.to(scores.rewards.device)],
-        raw=scores.raw[rows.to(scores.raw.device)],
-        parts={k: v[rows.to(v.device)] for k, v in scores.parts.items()},
-        diagnostics={k: v[rows.to(v.device)] for k, v in scores.diagnostics.items()},
-        prompts=[scores.prompts[i] for i in r],
-        completions=[scores.completions[i] for i in r],
-    )
-
-
-def cat_scores(parts: list[Scores]) -> Scores:
-    """Rows of several ``Scores`` one after the other (same keys in each)."""
-    return Scores(
-        rewards=torch.cat([s.rewards for s in parts]),
-        raw=torch.cat([s.raw for s in parts]),
-        parts={k: torch.cat([s.parts[k] for s in parts]) for k in parts[0].parts},
-        diagnostics={k: torch.cat([s.diagnostics[k] for s in parts]) for k in parts[0].diagnostics},
-        prompts=[p for s in parts for p in s.prompts],
-        completions=[c for s in parts for c in s.completions],
-    )
-
-
-def cat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
-    """Rows of several rollouts one after the other: prompts left-padded and responses right-padded
-    to the widest (``(N_i, P_i)`` / ``(N_i, R_i)`` -> ``(sum N_i, max P)`` / ``(sum N_i, max R)``)."""
-    if len(rollouts) == 1:
-        return rollouts[0]
-    p = max(r.prompt_ids.shape[1] for r in rollouts)
-    w = max(r.response_ids.shape[1] for r in rollouts)
-
-    def left(x: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (p - x.shape[1], 0), value=value)
-
-    def right(x: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, w - x.shape[1]), value=value)
-
-    return Rollout(
-        prompt_ids=torch.cat([left(r.prompt_ids, pad_token_id) for r in rollouts]),
-        prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in rollouts]),
-        response_ids=torch.cat([right(r.response_ids, pad_token_id) for r in rollouts]),
-        response_mask=torch.cat([right(r.response_mask, 0) for r in rollouts]),
-        logprobs=torch.cat([right(r.logprobs, 0.0) for r in rollouts]),
-        finished=torch.cat([r.finished for r in rollouts]),
-        prompt_index=torch.cat([r.prompt_index for r in rollouts]),
-    )
+        stats, _ = self.optimise_minibatches(
+            rollout,
+            lambda mb, idx, old, ref: self.grpo_loss(mb, old, ref, advantages[idx]),
+            [(opt, self.optim.max_grad_norm)],
+            aligned=(old_logprobs, ref_logprobs),
+            epochs=self.num_iterations,
+            mini_batch_size=self.mini_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            loss_agg=self.loss_agg,
+        )
+        return stats

@@ -8,12 +8,14 @@ module. One ``training_step`` receives a batch of prompts and runs, as one metho
     logprobs = self.policy_logprobs(rollout)           # old log-probs (no grad)
     ref_logprobs = self.reference_logprobs(rollout)    # frozen reference (or the disabled adapter)
     rewards, kl = self.kl_shaped_rewards(scores.rewards, logprobs, ref_logprobs, rollout.response_mask)
-    ...                                                # the algorithm: advantages and optimisation
+    ...                                                # the algorithm: advantages, then
+    self.optimise_minibatches(rollout, loss_fn, ...)   # epochs x mini-batches x micro-batches
     self.log_rollout(rollout, scores, kl)
 
 What a subclass writes (see ``PPOModule``): ``configure_model`` (call ``super()`` first, then build
 its own trainable parts, e.g. a critic), ``configure_optimizers`` (``self.build_actor_optimizer()``
-plus its own), and ``training_step``. It may extend ``online_state_dict`` / ``load_online_state_dict``
+plus its own), ``training_step``, and the loss of one micro-batch that it hands to
+``optimise_minibatches``. It may extend ``online_state_dict`` / ``load_online_state_dict``
 (extra state saved in Lightning checkpoints) and ``trainable_parameters``.
 
 Frozen models (reference, reward model) are deliberately *not* registered as submodules: they stay
@@ -27,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -119,13 +122,37 @@ class Scores:
     completions: list[str] = field(default_factory=list)
     """The decoded response of each row."""
 
+    def select(self, rows: torch.Tensor) -> Scores:
+        """The scores of rollout rows ``rows`` (a long tensor), as ``Rollout.select``."""
+        r = rows.tolist()
+        return Scores(
+            rewards=self.rewards[rows.to(self.rewards.device)],
+            raw=self.raw[rows.to(self.raw.device)],
+            parts={k: v[rows.to(v.device)] for k, v in self.parts.items()},
+            diagnostics={k: v[rows.to(v.device)] for k, v in self.diagnostics.items()},
+            prompts=[self.prompts[i] for i in r],
+            completions=[self.completions[i] for i in r],
+        )
+
+    @classmethod
+    def cat(cls, scores: Sequence[Scores]) -> Scores:
+        """Rows of several ``Scores`` one after the other (same keys in each), as ``Rollout.cat``."""
+        return cls(
+            rewards=torch.cat([s.rewards for s in scores]),
+            raw=torch.cat([s.raw for s in scores]),
+            parts={k: torch.cat([s.parts[k] for s in scores]) for k in scores[0].parts},
+            diagnostics={k: torch.cat([s.diagnostics[k] for s in scores]) for k in scores[0].diagnostics},
+            prompts=[p for s in scores for p in s.prompts],
+            completions=[c for s in scores for c in s.completions],
+        )
+
 
 class OnlineRLModule(StageModule):
     """Base of the online RL stages: policy, frozen reference and reward, rollout, scoring and KL.
 
     Uses manual optimisation (``automatic_optimization = False``): the subclass's ``training_step``
-    runs the rollout and then its own epochs of mini-batches with ``self.manual_backward``,
-    ``self.optimizers()``, ``self.clip_gradients`` and ``self.schedulers()`` so that Lightning's
+    runs the rollout and then ``optimise_minibatches`` with its own loss, which uses
+    ``self.manual_backward``, ``self.clip_gradients`` and ``self.schedulers()`` so that Lightning's
     precision and strategy apply. ``trainer.global_step`` therefore counts optimiser steps (of every
     optimiser); bound a run by prompt batches with ``max_epochs`` / ``limit_train_batches``.
 
@@ -146,8 +173,8 @@ class OnlineRLModule(StageModule):
             again, or with a LoRA policy the policy itself with its adapter disabled (no copy).
         tokenizer: tokenizer folder; default ``policy.path``.
         generation: sampling settings of the rollout.
-        kl_coef: KL penalty coefficient (the initial one when ``kl_target`` is set). 0 with no
-            ``kl_target``: no reference model is loaded at all.
+        kl_coef: KL penalty coefficient (the initial one when ``kl_target`` is set, then > 0). 0
+            (no ``kl_target``): no reference model is loaded at all.
         kl_estimator: per-token KL estimator of ``core.kl_penalty``: ``k1`` (log-ratio, the
             InstructGPT/TRL default), ``k2``, ``k3`` or ``abs``.
         kl_target: target KL per sequence (nats) of the adaptive controller (Ziegler et al. 2019);
@@ -215,6 +242,11 @@ class OnlineRLModule(StageModule):
             raise ValueError(
                 f"reward_weights has {len(reward_weights)} entries for {n_sources} reward sources "
                 "(the reward model first, if any, then each reward function)"
+            )
+        if kl_target is not None and kl_coef <= 0:
+            raise ValueError(
+                f"kl_target={kl_target} needs a positive initial kl_coef (GRPO: beta), got {kl_coef}: the "
+                "adaptive controller multiplies the coefficient, so from 0 it never moves"
             )
         generation = as_dataclass(GenerationSpec, generation)
         if generation.temperature <= 0:
@@ -373,6 +405,74 @@ class OnlineRLModule(StageModule):
         size = mini_batch_size or n
         perm = torch.randperm(n, generator=self.generator, device=self.generator.device).to(self.device)
         return list(perm.split(size))
+
+    def optimise_minibatches(
+        self,
+        rollout: Rollout,
+        loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        optimizers: Sequence[tuple[torch.optim.Optimizer, float | None]],
+        *,
+        aligned: Sequence[torch.Tensor | None] = (),
+        epochs: int = 1,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        loss_agg: str = "token_mean",
+        target_kl: float | None = None,
+    ) -> tuple[dict[str, float], int]:
+        """The optimisation phase of a rollout step: ``epochs`` x shuffled mini-batches of
+        ``mini_batch_size`` rows, each one step of every optimiser, its gradient accumulated over
+        micro-batches of ``micro_batch_size`` rows (``manual_backward``); then the LR schedules
+        advance once.
+
+        Args:
+            rollout: the ``N`` rows trained on.
+            loss_fn: ``loss_fn(mb, idx, *aligned_rows) -> (loss, stats)`` on one micro-batch: ``mb``
+                the rows ``idx`` (long tensor) of the rollout, trimmed by ``take``, and
+                ``aligned_rows`` the same rows and columns of each ``aligned`` tensor (None stays
+                None); ``stats`` maps metric names to scalar tensors.
+            optimizers: ``(optimizer, max_grad_norm)`` pairs, clipped and stepped in this order after
+                each mini-batch (``clip_and_step``; ``max_grad_norm`` None: no clipping).
+            aligned: ``(N, R)`` tensors aligned with the rollout's responses (or None).
+            epochs: passes over the rollout.
+            mini_batch_size / micro_batch_size: rows per optimiser step / per forward (None: all).
+            loss_agg: the losses' reduction; it fixes each micro-batch's share of the mini-batch
+                loss (its tokens for ``token_mean``, its rows otherwise), so that the accumulated
+                gradient is that of the whole mini-batch.
+            target_kl: stop after an epoch whose mean ``train/approx_kl`` exceeds it (None: off).
+
+        Returns:
+            ``(stats, epochs_done)``: the mean of each statistic over all micro-batches, and the
+            epochs run.
+        """
+        mask = rollout.response_mask
+        history: dict[str, list[torch.Tensor]] = defaultdict(list)
+        epochs_done = 0
+        for _epoch in range(epochs):
+            epoch_kl = []
+            for mb_idx in self.minibatches(len(rollout), mini_batch_size):
+                mb_tokens = mask[mb_idx].sum()
+                for idx in mb_idx.split(micro_batch_size or len(mb_idx)):
+                    mb, *rows = take(rollout, idx, *aligned)
+                    loss, stats = loss_fn(mb, idx, *rows)
+                    # weight so that the accumulated gradient is that of the whole mini-batch's loss
+                    share = (
+                        mb.response_mask.sum() / mb_tokens
+                        if loss_agg == "token_mean"
+                        else len(idx) / len(mb_idx)
+                    )
+                    self.manual_backward(loss * share)
+                    for k, v in stats.items():
+                        history[k].append(v)
+                    if target_kl is not None:
+                        epoch_kl.append(stats["train/approx_kl"])
+                for opt, max_grad_norm in optimizers:
+                    self.clip_and_step(opt, max_grad_norm)
+            epochs_done += 1
+            if target_kl is not None and float(torch.stack(epoch_kl).mean()) > target_kl:
+                break
+        for sched in self.schedulers():
+            sched.step()
+        return {k: float(torch.stack(v).float().mean()) for k, v in history.items()}, epochs_done
 
     # --------------------------------------------------------------------------------- rollout
 
@@ -627,10 +727,10 @@ class OnlineRLModule(StageModule):
                 )
 
 
-def take(rollout: Rollout, idx: torch.Tensor, *tensors: torch.Tensor) -> tuple[Rollout, ...]:
+def take(rollout: Rollout, idx: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
     """Rows ``idx`` of a rollout and of ``(N, R)`` tensors aligned with its responses, trimmed to the
     columns those rows use (all-pad prompt columns on the left, response columns after the longest
-    response), so that a mini-batch of short responses runs a short forward.
+    response), so that a mini-batch of short responses runs a short forward. A None tensor stays None.
 
     Returns ``(rollout, *tensors)`` for the selected rows.
     """
@@ -647,4 +747,4 @@ def take(rollout: Rollout, idx: torch.Tensor, *tensors: torch.Tensor) -> tuple[R
         finished=mb.finished,
         prompt_index=mb.prompt_index,
     )
-    return (mb, *(t[idx][:, :r] for t in tensors))
+    return (mb, *(None if t is None else t[idx][:, :r] for t in tensors))

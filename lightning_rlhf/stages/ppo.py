@@ -7,7 +7,6 @@ LightningModule with manual optimisation. ``training_step`` reads like cleanrl's
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import replace
 from typing import Literal
 
@@ -20,7 +19,7 @@ from ..models.loader import DTYPES
 from ..models.value import ValueHead, hidden_size, logprobs_and_values, sequence_values
 from ..rollout import Rollout, eval_mode
 from .common import OptimSpec, as_dataclass, build_optimizer, build_scheduler
-from .online import OnlineRLModule, take
+from .online import OnlineRLModule
 
 
 class PPOModule(OnlineRLModule):
@@ -282,39 +281,23 @@ class PPOModule(OnlineRLModule):
         advantages: torch.Tensor,
         returns: torch.Tensor,
     ) -> dict[str, float]:
-        """``ppo_epochs`` x shuffled mini-batches; one actor and one critic step per mini-batch.
+        """``ppo_epochs`` x shuffled mini-batches; one actor and one critic step per mini-batch
+        (``OnlineRLModule.optimise_minibatches``).
 
         Returns the mean of each ``train/`` statistic over all micro-batches, plus ``train/epochs``.
         """
         actor_opt, critic_opt = self.optimizer_list()
-        mask = rollout.response_mask
-        history: dict[str, list[torch.Tensor]] = defaultdict(list)
-        epochs_done = 0
-        for _epoch in range(self.ppo_epochs):
-            epoch_kl = []
-            for mb_idx in self.minibatches(len(rollout), self.mini_batch_size):
-                mb_tokens = mask[mb_idx].sum()
-                for idx in mb_idx.split(self.micro_batch_size or len(mb_idx)):
-                    mb, *tensors = take(rollout, idx, old_logprobs, old_values, advantages, returns)
-                    loss, stats = self.ppo_loss(mb, *tensors)
-                    # weight so that the accumulated gradient is that of the whole mini-batch's loss
-                    share = (
-                        mb.response_mask.sum() / mb_tokens
-                        if self.loss_agg == "token_mean"
-                        else len(idx) / len(mb_idx)
-                    )
-                    self.manual_backward(loss * share)
-                    for k, v in stats.items():
-                        history[k].append(v)
-                    epoch_kl.append(stats["train/approx_kl"])
-                self.clip_and_step(actor_opt, self.optim.max_grad_norm)
-                self.clip_and_step(critic_opt, self.critic_optim.max_grad_norm)
-            epochs_done += 1
-            if self.target_kl is not None and float(torch.stack(epoch_kl).mean()) > self.target_kl:
-                break
-        for sched in self.schedulers():
-            sched.step()
-        out = {k: float(torch.stack(v).float().mean()) for k, v in history.items()}
+        out, epochs_done = self.optimise_minibatches(
+            rollout,
+            lambda mb, _idx, *tensors: self.ppo_loss(mb, *tensors),
+            [(actor_opt, self.optim.max_grad_norm), (critic_opt, self.critic_optim.max_grad_norm)],
+            aligned=(old_logprobs, old_values, advantages, returns),
+            epochs=self.ppo_epochs,
+            mini_batch_size=self.mini_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            loss_agg=self.loss_agg,
+            target_kl=self.target_kl,
+        )
         out["train/epochs"] = float(epochs_done)
         return out
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from lightning_rlhf.core import (
     AdaptiveKLController,
     FixedKLController,
+    flat_groups,
     gae,
     group_advantages,
     kl_penalty,
@@ -216,6 +217,24 @@ def test_group_advantages_options_and_errors():
     with pytest.raises(ValueError):
         group_advantages(torch.ones(4), 2, "ppo")
     assert not group_advantages(torch.randn(4, requires_grad=True), 2).requires_grad
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "reinforce_pp"])
+def test_group_advantages_are_exactly_zero_for_flat_groups(method):
+    # a group of eight 0.3s: in float32 their mean is 0.3 - 3e-8, so r - mean is a rounding error
+    # that grpo's / (std + eps) and reinforce_pp's batch whitening would turn into a signal
+    flat = torch.full((8,), 0.3)
+    assert flat.mean() != flat[0]
+    signal = torch.tensor([1.0, 0.0, 0.0, 2.0, 0.5, 0.0, 0.0, 0.0])
+    r = torch.cat([signal, flat, torch.full((8,), -2.0)])  # 3 groups of 8
+    adv = group_advantages(r, 8, method)
+    assert torch.equal(adv[8:], torch.zeros(16))
+    # the group with signal is computed as without the rule
+    torch.testing.assert_close(adv[:8], group_advantages(r, 8, method, flat_atol=-1.0)[:8], atol=0, rtol=0)
+    torch.testing.assert_close(adv[:8], _group_ref(r, 8, method, True, 1e-6)[:8].float(), atol=1e-5, rtol=1e-5)
+    assert flat_groups(r, 8).tolist() == [False, True, True]
+    assert flat_groups(torch.tensor([1.0, 1.0 + 1e-7, 1.0, 1.5]), 2).tolist() == [True, False]  # atol 1e-6
+    assert flat_groups(torch.tensor([1.0, 1.0 + 1e-7]), 2, atol=0.0).tolist() == [False]
 
 
 @FAST

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_rlhf.core import dpo_loss, orpo_loss, ppo_policy_loss, reward_loss, sft_loss, value_loss
+from lightning_rlhf.core import (
+    aggregate_loss,
+    dpo_loss,
+    orpo_loss,
+    ppo_policy_loss,
+    reward_loss,
+    sft_loss,
+    value_loss,
+)
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -345,6 +353,25 @@ def test_ppo_aggregation_modes_by_hand():
     assert agg("seq_mean_token_sum", max_len=4) == pytest.approx(0.75)  # 6 / (2 * 4)
     with pytest.raises(ValueError):
         agg("mean")
+
+
+def test_aggregate_loss_by_hand():
+    # real tokens [[1, 2, (pad 50)], [3, (pad 50), (pad 50)], [(pad 50) x 3]]: the last row is empty
+    x = torch.tensor([[1.0, 2.0, 50.0], [3.0, 50.0, 50.0], [50.0, 50.0, 50.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    assert aggregate_loss(x, mask, "token_mean").item() == pytest.approx(2.0)  # (1 + 2 + 3) / 3
+    # per row 1.5 and 3; the empty row does not count: (1.5 + 3) / 2
+    assert aggregate_loss(x, mask.bool(), "seq_mean_token_mean").item() == pytest.approx(2.25)
+    assert aggregate_loss(x, mask, "seq_mean_token_sum").item() == pytest.approx(1.0 / 1.5)  # 6 / (3 * T=3)
+    loss = aggregate_loss(x, mask, "seq_mean_token_sum", max_len=4)  # 6 / (3 rows * 4)
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    torch.testing.assert_close(x.grad, mask / 12.0)  # 1 / (B * max_len) on real tokens, 0 on padding
+    empty = torch.zeros(2, 3)
+    assert aggregate_loss(empty, empty, "token_mean").item() == 0.0
+    assert aggregate_loss(empty, empty, "seq_mean_token_mean").item() == 0.0
+    with pytest.raises(ValueError, match="agg"):
+        aggregate_loss(x, mask, "mean")
 
 
 def test_ppo_gradients_flow_only_where_they_should():

@@ -262,6 +262,35 @@ def test_select_to_and_sequences():
     assert r.to("cpu").response_ids.device.type == "cpu"
 
 
+def test_cat_pads_prompts_left_and_responses_right_and_keeps_logprobs():
+    model = tiny_llama()
+    ids, mask = ragged_prompts()
+    short = generate(model, ids[:1, :3], mask[:1, :3], max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD,
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    long = generate(model, ids[1:], mask[1:], max_new_tokens=6, num_samples=2, eos_token_id=EOS, pad_token_id=PAD,
+                    generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert short.prompt_ids.shape[1] < long.prompt_ids.shape[1]
+    assert short.response_ids.shape[1] < long.response_ids.shape[1]
+    both = Rollout.cat([short, long], pad_token_id=PAD)
+    p, w = long.prompt_ids.shape[1], long.response_ids.shape[1]
+    assert both.prompt_ids.shape == (5, p) and both.response_ids.shape == (5, w)
+    # the short part's prompt is padded on the left, its response on the right
+    assert torch.equal(both.prompt_ids[:1, p - short.prompt_ids.shape[1] :], short.prompt_ids)
+    assert (both.prompt_mask[:1, : p - short.prompt_ids.shape[1]] == 0).all()
+    assert torch.equal(both.response_ids[:1, : short.response_ids.shape[1]], short.response_ids)
+    assert (both.response_mask[:1, short.response_ids.shape[1] :] == 0).all()
+    assert both.prompt_index.tolist() == [0, 0, 0, 1, 1] and both.finished.tolist() == [
+        *short.finished.tolist(), *long.finished.tolist(),
+    ]  # fmt: skip
+    # the padding changes no row's response log-probs under the model
+    with torch.no_grad():
+        got, _ = both.response_logprobs(model)
+        torch.testing.assert_close(got[:1, : short.response_ids.shape[1]], short.response_logprobs(model)[0])
+        torch.testing.assert_close(got[1:], long.response_logprobs(model)[0])
+    torch.testing.assert_close(got, both.logprobs, atol=1e-5, rtol=0)  # = the recorded ones
+    assert Rollout.cat([short], pad_token_id=PAD) is short
+
+
 def test_bad_arguments_raise():
     model = tiny_llama()
     ids, mask = ragged_prompts()

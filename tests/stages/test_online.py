@@ -191,6 +191,19 @@ def test_reward_weights_must_match_the_sources(tiny_model_dir):
         OnlineRLModule(policy=str(tiny_model_dir))
 
 
+def test_kl_target_needs_a_positive_initial_kl_coef(tiny_model_dir):
+    # the adaptive controller multiplies its coefficient: from 0 it would never move
+    for coef in (0.0, -0.1):
+        with pytest.raises(ValueError, match="kl_target.*positive initial kl_coef"):
+            OnlineRLModule(
+                policy=str(tiny_model_dir), reward_functions=[f"{__name__}.count_great"], kl_coef=coef, kl_target=1.0
+            )
+    ok = OnlineRLModule(
+        policy=str(tiny_model_dir), reward_functions=[f"{__name__}.count_great"], kl_coef=0.1, kl_target=1.0
+    )
+    assert ok.kl_ctl.value == 0.1 and ok.kl_ctl.target == 1.0
+
+
 def test_take_trims_a_minibatch_to_the_columns_it_uses(tiny_model_dir):
     rollout = Rollout(
         prompt_ids=torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 4, 5, 6]]),
