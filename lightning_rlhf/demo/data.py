@@ -32,6 +32,7 @@ from pathlib import Path
 from . import reverse, reviews, sentiment
 
 SIZES = dict(sft_train=3000, sft_val=200, pref_train=3000, pref_val=300, prompts_train=1024, prompts_eval=64)
+MIN_PAIR_GAP = 1 / 3  # the gold value of one positive sentence
 PAIR_NOISE = dict(repeat_prob=0.25, off_topic_prob=0.15, malformed_prob=0.15, max_sentences=4)
 REVERSE_SIZES = dict(sft_train=3000, sft_val=200, prompts_train=1024, prompts_eval=100)
 REVERSE_NOISE = 0.4
@@ -65,8 +66,8 @@ def review_records(seed: int = 0) -> dict[str, list[dict]]:
             # the pairs show).
             a, b = (reviews.sample_response(rng, reviews.product_of(prompt), **PAIR_NOISE) for _ in range(2))
             ga, gb = reviews.gold_reward(prompt, a), reviews.gold_reward(prompt, b)
-            if ga == gb:
-                continue
+            if abs(ga - gb) < MIN_PAIR_GAP:
+                continue  # near-ties are coin flips for any judge: like rated data sets, keep clear pairs
             chosen, rejected = (a, b) if ga > gb else (b, a)
             recs.append({"prompt": _user(prompt), "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
         out[split] = recs

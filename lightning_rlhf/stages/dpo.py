@@ -1,0 +1,330 @@
+"""Direct preference optimisation: DPO and its relatives (IPO, hinge, robust, SimPO), ORPO and RPO.
+
+One concatenated forward of the ``(2B, T)`` preference batch gives the policy's log-probs of the
+chosen (rows ``[:B]``) and rejected (rows ``[B:]``) completions; the reference's come from
+
+- the same weights with the LoRA adapter disabled (``with policy.disable_adapter():``) when the
+  policy is a LoRA model: no second copy in memory;
+- otherwise a frozen copy loaded from ``reference`` (default: the policy's folder);
+- or, with ``precompute_ref_logps``, a cache filled by one pass over the train and val data at the
+  start of fit (keyed by split and the batch's record ``index``), after which the reference is freed;
+- nothing for the reference-free losses (``simpo``, ``orpo``).
+
+Losses come from :mod:`lightning_rlhf.core.losses`; metric names are TRL's (``rewards/margins``, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import torch
+
+from ..core.losses import dpo_loss, orpo_loss
+from ..core.ops import masked_sum
+from ..models import ModelSpec, as_spec, is_peft, load_causal_lm
+from ..models.forward import sequence_logprobs
+from ..rollout.generate import eval_mode
+from .common import OptimSpec, StageModule, build_optimizer, build_scheduler, total_training_steps
+
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
+REFERENCE_FREE = ("simpo", "orpo")
+LENGTH_NORMALISED = ("simpo", "orpo", "ipo")
+
+
+class DPOModule(StageModule):
+    """Preference optimisation of a causal LM against a frozen reference.
+
+    Batches come from ``RLHFDataModule`` with ``kind="preference"``. Runs under ``Trainer``/
+    LightningCLI and in a user's Fabric loop (``configure_model()``, then
+    ``precompute_reference_logps({"train": loader, ...})`` if you want the cache,
+    ``configure_optimizers()``, ``training_step(batch, i)``).
+
+    Args:
+        policy: the model to train, usually the SFT folder (dtype, LoRA, 4-bit, checkpointing).
+        reference: the frozen reference when the policy is not a LoRA model. None: the policy's
+            folder (same dtype). Ignored with LoRA (the reference is the adapter-disabled policy)
+            and for the reference-free losses.
+        tokenizer: tokenizer folder; defaults to ``policy.path``.
+        optim: optimiser and learning-rate schedule.
+        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``robust``, ``simpo`` (reference-free),
+            as in ``core.losses.dpo_loss``, or ``orpo`` (reference-free: NLL on chosen plus the
+            odds-ratio term of ``core.losses.orpo_loss``).
+        beta: DPO's beta (SimPO's beta, typically 2-2.5; ORPO's lambda, typically 0.1).
+        label_smoothing: conservative-DPO / robust-DPO flip rate ``eps`` in [0, 0.5).
+        simpo_gamma: SimPO's target reward margin.
+        rpo_alpha: weight of an NLL term on the chosen completions added to the loss (RPO, Pang et
+            al. 2024). None: off. (ORPO always has its NLL term, with weight 1.)
+        length_normalise: average the completion log-probs over their tokens instead of summing.
+            None: as the loss's paper does (TRL's choice): averaged for simpo, orpo and ipo,
+            summed for the others.
+        precompute_ref_logps: compute the reference log-probs once over the train and val data at
+            the start of fit, then free the reference, so training holds one model.
+        output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
+        merge_lora: export a LoRA model merged into its base (else the adapter folder).
+    """
+
+    data_kind = "preference"
+
+    def __init__(
+        self,
+        policy: ModelSpec | str,
+        reference: ModelSpec | str | None = None,
+        tokenizer: str | None = None,
+        optim: OptimSpec | None = None,
+        loss_type: LossType = "sigmoid",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        rpo_alpha: float | None = None,
+        length_normalise: bool | None = None,
+        precompute_ref_logps: bool = False,
+        output_dir: str | None = None,
+        merge_lora: bool = True,
+    ):
+        if loss_type not in LossType.__args__:
+            raise ValueError(f"loss_type must be one of {LossType.__args__}, got {loss_type!r}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        if label_smoothing and loss_type in ("ipo", "hinge", "orpo"):
+            raise ValueError(f"label_smoothing is not defined for loss_type={loss_type!r}")
+        policy = as_spec(policy)
+        super().__init__(tokenizer or policy.path, output_dir, merge_lora)
+        self.policy_spec = policy
+        self.reference_spec = as_spec(reference) if reference is not None else None
+        self.optim = optim or OptimSpec()
+        self.loss_type = loss_type
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.simpo_gamma = simpo_gamma
+        self.rpo_alpha = rpo_alpha
+        self.length_normalise = (
+            loss_type in LENGTH_NORMALISED if length_normalise is None else length_normalise
+        )
+        self.precompute_ref_logps = precompute_ref_logps
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        # split -> (N, 2) fp32 summed reference log-probs of (chosen, rejected) by record index; NaN = missing
+        self.ref_cache: dict[str, torch.Tensor] = {}
+        self.save_hyperparameters()
+
+    # --------------------------------------------------------------------------------- models
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type not in REFERENCE_FREE
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = load_causal_lm(self.policy_spec)
+        if (
+            self.reference is None
+            and self.needs_reference
+            and not is_peft(self.policy)
+            and not self.ref_cache
+        ):
+            self.reference = load_causal_lm(self._reference_spec(), trainable=False)
+
+    def _reference_spec(self) -> ModelSpec:
+        if self.reference_spec is not None:
+            return self.reference_spec
+        # The policy's starting point, frozen: same folder, dtype and seed, no adapter or k-bit prep.
+        return dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
+
+    def exported_model(self):
+        return self.policy
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The reference is rebuilt from its folder: keep it out of checkpoints.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference is not None:
+            state = checkpoint.setdefault("state_dict", {})
+            for key, value in self.reference.state_dict().items():
+                state.setdefault(f"reference.{key}", value)
+
+    # ------------------------------------------------------------------------------- log-probs
+
+    def _forward_kwargs(self, batch: dict) -> dict:
+        """Inputs of one concatenated forward, scoring only the columns from the first completion token on."""
+        loss_mask = batch["loss_mask"]  # (2B, T)
+        t = loss_mask.shape[1]
+        first = int(loss_mask.long().argmax(-1).min())  # earliest completion token over the rows (>= 1)
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "position_ids": batch.get("position_ids"),
+            "logits_to_keep": t - max(first, 1),
+        }
+
+    def completion_logps(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs of the completion tokens and their counts: ``(2B,)`` fp32, ``(2B,)``."""
+        kwargs = self._forward_kwargs(batch)
+        keep = kwargs["logits_to_keep"]
+        logps, _ = sequence_logprobs(model, **kwargs)  # (2B, keep): labels input_ids[:, T-keep:]
+        mask = batch["loss_mask"][:, -keep:]  # (2B, keep)
+        return masked_sum(logps, mask, dim=-1), mask.sum(-1).float()
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """Summed reference log-probs of the completions, ``(2B,)`` fp32, computed now."""
+        if is_peft(self.policy):
+            with eval_mode(self.policy), self.policy.disable_adapter():
+                return self.completion_logps(self.policy, batch)[0]
+        if self.reference is None:
+            raise RuntimeError(
+                "DPOModule: no reference model (it was freed after precomputing) and no cached log-probs "
+                "for this batch"
+            )
+        with eval_mode(self.reference):
+            return self.completion_logps(self.reference, batch)[0]
+
+    def _cached_reference_logps(self, batch: dict, split: str) -> torch.Tensor | None:
+        cache = self.ref_cache.get(split)
+        if cache is None:
+            return None
+        index = batch["index"].cpu()
+        if int(index.max()) >= cache.shape[0] or bool(cache[index].isnan().any()):
+            missing = [int(i) for i in index if i >= cache.shape[0] or cache[i].isnan().any()]
+            raise RuntimeError(
+                f"DPOModule: no precomputed reference log-probs for {split} records {missing[:10]}; "
+                "the data changed after precompute_reference_logps"
+            )
+        pair = cache[index].to(self.device)  # (B, 2)
+        return torch.cat([pair[:, 0], pair[:, 1]])  # (2B,) chosen rows first
+
+    @torch.no_grad()
+    def precompute_reference_logps(
+        self, loaders: Mapping[str, Iterable[dict]], free_reference: bool = True
+    ) -> None:
+        """Fill the reference cache from ``{split: batches}`` (``"train"``, ``"val"``), then free the reference."""
+        for split, loader in loaders.items():
+            if loader is None:
+                continue
+            rows: dict[int, torch.Tensor] = {}
+            for batch in loader:
+                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                with self._precision_context():
+                    ref = self.reference_logps(batch).float().cpu()  # (2B,)
+                b = ref.shape[0] // 2
+                for j, i in enumerate(batch["index"].tolist()):
+                    rows[i] = torch.stack([ref[j], ref[b + j]])
+            cache = torch.full((max(rows, default=-1) + 1, 2), float("nan"))
+            for i, v in rows.items():
+                cache[i] = v
+            self.ref_cache[split] = cache
+        if free_reference and self.reference is not None:
+            self.reference = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _precision_context(self):
+        trainer = getattr(self, "_trainer", None)
+        return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+
+    def on_fit_start(self) -> None:
+        if not (self.precompute_ref_logps and self.needs_reference) or self.ref_cache:
+            return
+        # Before the sanity check, which already needs reference log-probs for the val batches.
+        self.precompute_reference_logps(self._fit_loaders())
+
+    def _fit_loaders(self) -> dict[str, Iterable[dict] | None]:
+        trainer = self.trainer
+        if trainer.datamodule is not None:
+            dm = trainer.datamodule
+            return {"train": dm.train_dataloader(), "val": dm.val_dataloader() or None}
+        # Loaders passed to fit() directly: Lightning keeps their sources on the loops.
+        loaders = {}
+        for split, loop in (("train", trainer.fit_loop), ("val", trainer.fit_loop.epoch_loop.val_loop)):
+            source = getattr(loop, "_data_source", None)
+            loaders[split] = source.dataloader() if source is not None and source.is_defined() else None
+        return loaders
+
+    # ---------------------------------------------------------------------------------- losses
+
+    def _loss(self, batch: dict, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sums, lengths = self.completion_logps(self.policy, batch)  # (2B,), (2B,)
+        b = sums.shape[0] // 2
+        logps = sums / lengths.clamp(min=1) if self.length_normalise else sums
+        chosen, rejected = logps[:b], logps[b:]
+        nll = -sums[:b].sum() / lengths[:b].sum().clamp(min=1)  # token-mean NLL of the chosen completions
+        stats: dict[str, torch.Tensor] = {}
+        if self.loss_type == "orpo":
+            losses, chosen_r, rejected_r = orpo_loss(chosen, rejected, beta=self.beta)
+            loss = nll + losses.mean()
+            stats["nll_loss"] = nll.detach()
+            stats["log_odds_loss"] = losses.mean().detach()
+        else:
+            ref_c = ref_r = None
+            if self.needs_reference:
+                ref = self._cached_reference_logps(batch, split)
+                if ref is None:
+                    ref = self.reference_logps(batch)
+                if self.length_normalise:
+                    ref = ref / lengths.clamp(min=1)
+                ref_c, ref_r = ref[:b], ref[b:]
+            losses, chosen_r, rejected_r = dpo_loss(
+                chosen,
+                rejected,
+                ref_c,
+                ref_r,
+                beta=self.beta,
+                loss_type=self.loss_type,
+                label_smoothing=self.label_smoothing,
+                gamma=self.simpo_gamma,
+            )
+            loss = losses.mean()
+            if self.rpo_alpha is not None:
+                loss = loss + self.rpo_alpha * nll
+                stats["nll_loss"] = nll.detach()
+        stats.update(
+            {
+                "rewards/chosen": chosen_r.mean(),
+                "rewards/rejected": rejected_r.mean(),
+                "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+                "rewards/margins": (chosen_r - rejected_r).mean(),
+                "logps/chosen": chosen.detach().mean(),
+                "logps/rejected": rejected.detach().mean(),
+            }
+        )
+        return loss, stats
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, stats = self._loss(batch, "train")
+        bs = batch["input_ids"].shape[0] // 2
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in stats.items():
+            self.log(f"train/{name}", value, prog_bar=name == "rewards/accuracies", batch_size=bs)
+        tps = self.throughput(int(batch["attention_mask"].sum()))
+        if tps is not None:
+            self.log("train/tokens_per_s", tps, batch_size=bs)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, stats = self._loss(batch, "val")
+        bs = batch["input_ids"].shape[0] // 2
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        for name, value in stats.items():
+            self.log(
+                f"val/{name}", value, prog_bar=name == "rewards/accuracies", batch_size=bs, sync_dist=True
+            )
+        return loss
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.policy.parameters(), self.optim)
+        sched = build_scheduler(opt, self.optim, total_training_steps(self))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val if gradient_clip_val is not None else self.optim.max_grad_norm
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
