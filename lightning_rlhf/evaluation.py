@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -248,23 +249,11 @@ class PolicyEvaluation(Callback):
             rank_zero_info(f"wrote {output}")
 
 
-def _ranks(x: list[float]) -> list[float]:
-    """Ranks 1..n, ties sharing their average rank."""
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
 
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (Pearson correlation of the tie-averaged ranks)."""
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of two equally long sequences (ties get their average rank)."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman: need two sequences of the same length >= 2, got {len(x)} and {len(y)}")
     rx, ry = _ranks(x), _ranks(y)
     n = len(rx)
     mx, my = sum(rx) / n, sum(ry) / n
@@ -274,42 +263,15 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else float("nan")
 
 
-def _completion_text(value) -> str:
-    return value if isinstance(value, str) else value[-1]["content"]
-
-
-@torch.no_grad()
-def evaluate_reward_model(
-    reward_model: torch.nn.Module, tokenizer, pair_files: str | list[str], *, gold: str | None = None, batch_size: int = 64
-) -> dict[str, float]:
-    """Accuracy of a reward model on held-out preference pairs (score(chosen) > score(rejected)) and,
-    with a gold function, Spearman's rho between its scores and the gold reward over all responses."""
-    from .rollout import last_token_scores
-
-    dm = RLHFDataModule(train_files=pair_files, kind="preference", tokenizer=tokenizer, batch_size=batch_size,
-                        shuffle=False, max_length=1024, max_prompt_length=512)
-    dm.setup("fit")
-    gold_fn = import_function(gold) if isinstance(gold, str) else gold
-    device = next(reward_model.parameters()).device
-    was_training = reward_model.training
-    reward_model.eval()
-    correct, n = 0, 0
-    scores, golds = [], []
-    for batch in dm.train_dataloader():
-        s = last_token_scores(reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                              batch["position_ids"].to(device)).float().cpu()
-        b = s.shape[0] // 2
-        chosen, rejected = s[:b], s[b:]
-        correct += int((chosen > rejected).sum())
-        n += b
-        if gold_fn is not None:
-            recs = [dm.train_records[int(i)] for i in batch["index"]]
-            prompts = [r.get("prompt") for r in recs] * 2
-            comps = [_completion_text(r["chosen"]) for r in recs] + [_completion_text(r["rejected"]) for r in recs]
-            golds.extend(float(g) for g in gold_fn(prompts=prompts, completions=comps))
-            scores.extend(s.tolist())
-    reward_model.train(was_training)
-    out = {"accuracy": correct / max(1, n), "n_pairs": n}
-    if gold_fn is not None:
-        out["spearman_gold"] = spearman(scores, golds)
-    return out
+def _ranks(v: Sequence[float]) -> list[float]:
+    order = sorted(range(len(v)), key=lambda i: v[i])
+    ranks = [0.0] * len(v)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1  # average rank of the tie group, 1-based
+        i = j + 1
+    return ranks

@@ -146,7 +146,7 @@ def _model_path(name_or_path: str, output_dir: Path) -> Path:
 
 def evaluate_models(spec: EvalSpec, output_dir: Path) -> dict:
     """Evaluate every model of ``spec.models`` with the same prompts, sampling and seed."""
-    from .evaluation import evaluate_policy, evaluate_reward_model
+    from .evaluation import evaluate_policy
     from .models import load_causal_lm, load_sequence_classifier, load_tokenizer
 
     ref_path = _model_path(spec.models.get(spec.reference, spec.reference), output_dir)
@@ -172,8 +172,20 @@ def evaluate_models(spec: EvalSpec, output_dir: Path) -> dict:
         results[name] = res
     out: dict[str, Any] = {"models": results, "gold_reward_range": list(spec.gold_range)}
     if reward_model is not None and spec.reward_pairs:
-        out["reward_model"] = evaluate_reward_model(reward_model, tokenizer, spec.reward_pairs, gold=spec.gold[0])
+        out["reward_model"] = reward_model_report(reward_model, tokenizer, spec.reward_pairs, spec.gold[0])
     return out
+
+
+def reward_model_report(reward_model, tokenizer, pair_files, gold: str) -> dict:
+    """Held-out pairwise accuracy and Spearman's rho to the gold reward of a reward model."""
+    from .data import load_records
+    from .rollout import import_function
+    from .stages.reward import evaluate_pairs
+
+    fn = import_function(gold)
+    res = evaluate_pairs(reward_model, tokenizer, load_records(pair_files),
+                         gold_reward=lambda p, c: fn(prompts=[p], completions=[c])[0])
+    return {"accuracy": res["accuracy"], "spearman_gold": res["spearman"], "n_pairs": int(res["pairs"])}
 
 
 def gap_closed(models: dict, name: str, lo_hi: tuple[float, float], base: str = "sft") -> float | None:

@@ -9,7 +9,6 @@ loss is :func:`lightning_rlhf.core.losses.reward_loss`. The exported folder load
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +18,7 @@ from torchmetrics.classification import BinaryAccuracy
 from ..core.losses import reward_loss
 from ..data import Encoder, Where, pad
 from ..data.records import is_conversational
+from ..evaluation import spearman
 from ..models import ModelSpec, as_spec, load_sequence_classifier
 from ..rollout.generate import eval_mode
 from ..rollout.scoring import last_token_scores
@@ -230,33 +230,6 @@ def score_texts(
             mask = pad([[1] * len(r) for r in chunk], 0, ids.shape[1]).to(device)  # (b, T)
             out.extend(last_token_scores(model, ids, mask).tolist())
     return out
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation of two equally long sequences (ties get their average rank)."""
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"spearman: need two sequences of the same length >= 2, got {len(x)} and {len(y)}")
-    rx, ry = _ranks(x), _ranks(y)
-    n = len(rx)
-    mx, my = sum(rx) / n, sum(ry) / n
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
-    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else float("nan")
-
-
-def _ranks(v: Sequence[float]) -> list[float]:
-    order = sorted(range(len(v)), key=lambda i: v[i])
-    ranks = [0.0] * len(v)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1  # average rank of the tie group, 1-based
-        i = j + 1
-    return ranks
 
 
 def evaluate_pairs(

@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
 from lightning_rlhf.data import Encoder, RLHFDataModule, pad
+from lightning_rlhf.evaluation import spearman
 from lightning_rlhf.models import LoraSpec, ModelSpec, load_tokenizer
 from lightning_rlhf.stages import RewardModule, score_texts
 from lightning_rlhf.stages.common import OptimSpec
-from lightning_rlhf.stages.reward import encode_pair, evaluate_pairs, spearman
+from lightning_rlhf.stages.reward import encode_pair, evaluate_pairs
 
 PRODUCTS = ["phone", "laptop", "camera", "watch", "lamp", "chair"]
 
