@@ -149,3 +149,22 @@ class StageModule(LightningModule):
         now = time.perf_counter()
         last, self._t_last = self._t_last, now
         return None if last is None else n_tokens / max(now - last, 1e-9)
+
+
+class OfflineStageModule(StageModule):
+    """A stage with one loss per batch (SFT, reward model, DPO): automatic optimisation of
+    ``exported_model()``'s trainable parameters with ``self.optim``, the schedule stepped per
+    optimiser step and gradients clipped to ``optim.max_grad_norm`` (unless the Trainer's
+    ``gradient_clip_val`` says otherwise)."""
+
+    optim: OptimSpec
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.exported_model().parameters(), self.optim)
+        sched = build_scheduler(opt, self.optim, total_training_steps(self))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val if gradient_clip_val is not None else self.optim.max_grad_norm
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")

@@ -28,14 +28,14 @@ from ..core.ops import masked_sum
 from ..models import ModelSpec, as_spec, is_peft, load_causal_lm
 from ..models.forward import sequence_logprobs
 from ..rollout.generate import eval_mode
-from .common import OptimSpec, StageModule, build_optimizer, build_scheduler, total_training_steps
+from .common import OfflineStageModule, OptimSpec
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 REFERENCE_FREE = ("simpo", "orpo")
 LENGTH_NORMALISED = ("simpo", "orpo", "ipo")
 
 
-class DPOModule(StageModule):
+class DPOModule(OfflineStageModule):
     """Preference optimisation of a causal LM against a frozen reference.
 
     Batches come from ``RLHFDataModule`` with ``kind="preference"``. Runs under ``Trainer``/
@@ -318,13 +318,3 @@ class DPOModule(StageModule):
                 f"val/{name}", value, prog_bar=name == "rewards/accuracies", batch_size=bs, sync_dist=True
             )
         return loss
-
-    def configure_optimizers(self):
-        opt = build_optimizer(self.policy.parameters(), self.optim)
-        sched = build_scheduler(opt, self.optim, total_training_steps(self))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.optim.max_grad_norm
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")

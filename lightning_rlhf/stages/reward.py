@@ -22,13 +22,13 @@ from ..evaluation import spearman
 from ..models import ModelSpec, as_spec, load_sequence_classifier
 from ..rollout.generate import eval_mode
 from ..rollout.scoring import last_token_scores
-from .common import OptimSpec, StageModule, build_optimizer, build_scheduler, total_training_steps
+from .common import OfflineStageModule, OptimSpec
 
 Prompt = str | list[dict]
 Response = str | list[dict]
 
 
-class RewardModule(StageModule):
+class RewardModule(OfflineStageModule):
     """Train a reward model on preference pairs.
 
     Batches come from ``RLHFDataModule`` with ``kind="preference"``: rows ``[:B]`` are prompt +
@@ -139,15 +139,6 @@ class RewardModule(StageModule):
         for m in (self.val_accuracy, self.val_reward_mean, self.val_reward_sq, self.val_margin):
             m.reset()
 
-    def configure_optimizers(self):
-        opt = build_optimizer(self.model.parameters(), self.optim)
-        sched = build_scheduler(opt, self.optim, total_training_steps(self))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.optim.max_grad_norm
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     # -------------------------------------------------------------------------------- scoring
 

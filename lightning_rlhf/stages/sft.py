@@ -7,10 +7,10 @@ import torch
 from ..core.losses import sft_loss
 from ..data import model_inputs
 from ..models import ModelSpec, as_spec, load_causal_lm
-from .common import OptimSpec, StageModule, build_optimizer, build_scheduler, total_training_steps
+from .common import OfflineStageModule, OptimSpec
 
 
-class SFTModule(StageModule):
+class SFTModule(OfflineStageModule):
     """Supervised fine-tuning of a causal LM.
 
     Runs under ``Trainer``/LightningCLI (automatic optimisation) and in a user's Fabric loop
@@ -70,13 +70,3 @@ class SFTModule(StageModule):
         # Token-weighted across batches: Lightning's mean weights by batch_size.
         self.log("val/loss", loss, prog_bar=True, batch_size=n_tokens, sync_dist=True)
         return loss
-
-    def configure_optimizers(self):
-        opt = build_optimizer(self.policy.parameters(), self.optim)
-        sched = build_scheduler(opt, self.optim, total_training_steps(self))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.optim.max_grad_norm
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
