@@ -50,14 +50,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if argv and argv[0] == "pipeline":
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "pipeline":
         from .pipeline import main as pipeline_main
 
-        pipeline_main(argv[1:])
+        pipeline_main(args[1:])
         return
-    cli_main(argv)
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":
