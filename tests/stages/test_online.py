@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from lightning_rlhf.models import LoraSpec, ModelSpec, load_causal_lm
 from lightning_rlhf.models.forward import sequence_logprobs
@@ -22,31 +21,6 @@ def count_great(prompts, completions, **_):
 
 def length_reward(prompts, completions, **_):
     return [float(len(c.split())) for c in completions]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster than two on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory, demo_tokenizer):
-    """A tiny random one-label Llama sequence classifier with the demo tokenizer."""
-    tok = demo_tokenizer
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=None, num_labels=1,
-    )  # fmt: skip
-    torch.manual_seed(1)
-    out = tmp_path_factory.mktemp("tiny-rm")
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def prompt_batch(tokenizer, texts=("review the phone .", "what do you think of the lamp ?")) -> dict:

@@ -8,7 +8,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from lightning_rlhf.data import RLHFDataModule
 from lightning_rlhf.models import LoraSpec, ModelSpec
@@ -23,30 +22,6 @@ GREAT = f"{__name__}.great_fraction"
 def great_fraction(prompts, completions, **_):
     """Test reward: the share of a response's words that are 'great' (a token the policy can learn)."""
     return [c.split().count("great") / max(1, len(c.split())) for c in completions]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster than two on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory, demo_tokenizer):
-    tok = demo_tokenizer
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=None, num_labels=1,
-    )  # fmt: skip
-    torch.manual_seed(1)
-    out = tmp_path_factory.mktemp("tiny-rm")
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def ppo(policy_dir, **kw) -> PPOModule:
