@@ -11,6 +11,7 @@ from lightning_rlhf.core.advantages import (
     gae,
     group_advantages,
     kl_penalty,
+    token_rewards,
     whiten,
 )
 from lightning_rlhf.core.losses import (
@@ -40,6 +41,7 @@ __all__ = [
     "gae",
     "group_advantages",
     "kl_penalty",
+    "token_rewards",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",

@@ -310,3 +310,25 @@ class FixedKLController:
 
     def __repr__(self) -> str:
         return f"FixedKLController(value={self.value})"
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token PPO rewards: ``-kl_coef * kl_t`` on every response token plus the sequence score on
+    the last real one (Ziegler et al. 2019, eq. 2; InstructGPT).
+
+    Args:
+        scores: ``(B,)`` sequence scores (constants).
+        kl: ``(B, T)`` per-token KL estimates (constants), 0 off the mask.
+        mask: ``(B, T)`` right-padded response mask.
+        kl_coef: the KL penalty coefficient.
+
+    Returns:
+        ``(B, T)`` rewards, 0 off the mask; a row without real tokens gets all zeros (its score is
+        dropped rather than put on a padded position).
+    """
+    m = mask.bool()
+    rewards = torch.where(m, -kl_coef * kl.detach(), torch.zeros_like(kl))  # (B, T)
+    lengths = m.sum(-1)  # (B,)
+    last = (lengths - 1).clamp(min=0)  # (B,)
+    bonus = torch.where(lengths > 0, scores.detach().to(rewards.dtype), torch.zeros_like(scores, dtype=rewards.dtype))
+    return rewards.scatter_add(1, last[:, None], bonus[:, None])

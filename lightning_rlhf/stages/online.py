@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..core import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
+from ..core import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean, token_rewards
 from ..models import ModelSpec, as_spec, freeze, load_causal_lm, load_sequence_classifier
 from ..rollout import CompositeScorer, RewardFunctionScorer, RewardModelScorer, Rollout, eval_mode
 from ..rollout import generate as sample_rollout
@@ -604,11 +604,7 @@ class OnlineRLModule(StageModule):
             kl = torch.zeros_like(logprobs)
         else:
             kl = kl_penalty(logprobs, ref_logprobs, kind=self.kl_estimator, mask=mask)  # (N, R)
-        rewards = -self.kl_ctl.value * kl
-        last = (mask.sum(-1) - 1).clamp(min=0)  # (N,) index of the last response token
-        rows = torch.arange(len(scores), device=rewards.device)
-        rewards[rows, last] += scores.to(rewards.dtype)
-        return rewards, kl
+        return token_rewards(scores, kl, mask, self.kl_ctl.value), kl
 
     def update_kl_controller(self, kl: torch.Tensor, mask: torch.Tensor) -> None:
         """Feed the adaptive controller the mean per-sequence KL of this rollout (``N`` rows)."""

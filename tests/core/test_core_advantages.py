@@ -343,3 +343,28 @@ def test_fixed_kl_controller_has_same_interface():
     assert ctl.update(100.0, 10) == 0.05 and ctl.value == 0.05
     ctl.load_state_dict({"value": 0.1})
     assert ctl.state_dict() == {"value": 0.1}
+
+
+def test_token_rewards_by_hand_and_against_a_loop():
+    from lightning_rlhf.core import token_rewards
+
+    # Two responses of length 3 and 1 in T=4; a third with no real token.
+    scores = torch.tensor([1.0, -2.0, 5.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    got = token_rewards(scores, kl, mask, kl_coef=0.5)
+    # row 0: -0.5*kl on each real token, +1 on the third; row 1: -0.25 - 2 on its only token;
+    # row 2: nothing (its score has no token to sit on); padding always 0 (the 9.0s never leak).
+    want = torch.tensor([[-0.05, -0.1, -0.15 + 1.0, 0.0], [-0.25 - 2.0, 0, 0, 0], [0, 0, 0, 0]])
+    torch.testing.assert_close(got, want)
+    # random inputs against a Python loop
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 7
+    scores, kl = torch.randn(B, generator=g), torch.randn(B, T, generator=g)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    ref = torch.zeros(B, T)
+    for b in range(B):
+        for t in range(int(lengths[b])):
+            ref[b, t] = -0.3 * kl[b, t] + (scores[b] if t == int(lengths[b]) - 1 else 0.0)
+    torch.testing.assert_close(token_rewards(scores, kl, mask, 0.3), ref)

@@ -48,6 +48,7 @@ def test_public_names_are_exported():
         "group_advantages",
         "flat_groups",
         "kl_penalty",
+        "token_rewards",
         "AdaptiveKLController",
         "FixedKLController",
         "aggregate_loss",
