@@ -25,6 +25,7 @@ import torch
 from ..core import aggregate_loss, flat_groups, group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from ..models import ModelSpec
 from ..rollout import Rollout
+from .common import as_dataclass
 from .online import GenerationSpec, OnlineRLModule, Scores
 
 
@@ -128,7 +129,7 @@ class GRPOModule(OnlineRLModule):
             raise ValueError(
                 f"GRPOModule: advantage_estimator={advantage_estimator!r} needs num_generations >= 2"
             )
-        generation = generation or GenerationSpec()
+        generation = as_dataclass(GenerationSpec, generation)
         if generation.num_samples not in (1, num_generations):
             raise ValueError(
                 f"GRPOModule: generation.num_samples={generation.num_samples} contradicts "
