@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -252,7 +252,3 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
-
-
-def spec_dict(spec: ModelSpec) -> dict:
-    return asdict(spec)
