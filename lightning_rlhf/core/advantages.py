@@ -256,7 +256,28 @@ def _as_float(v: float | Tensor) -> float:
     return float(v.detach().item()) if isinstance(v, Tensor) else float(v)
 
 
-class AdaptiveKLController:
+class FixedKLController:
+    """Constant KL coefficient; the base of :class:`AdaptiveKLController` (same interface)."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> float:
+        """No-op; returns ``value``."""
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        """Only ``value`` is state; everything else is configuration."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(value={self.value})"
+
+
+class AdaptiveKLController(FixedKLController):
     """Adaptive KL coefficient of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
     Preferences", sec. 2.2), as in TRL / OpenRLHF:
 
@@ -271,7 +292,7 @@ class AdaptiveKLController:
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
         if target <= 0 or horizon <= 0:
             raise ValueError(f"AdaptiveKLController: target and horizon must be > 0, got {target}, {horizon}")
-        self.value = float(init_kl_coef)
+        super().__init__(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)
 
@@ -281,35 +302,8 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 
-    def state_dict(self) -> dict[str, float]:
-        """Only ``value`` is state; ``target`` and ``horizon`` are configuration."""
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
     def __repr__(self) -> str:
         return f"AdaptiveKLController(value={self.value}, target={self.target}, horizon={self.horizon})"
-
-
-class FixedKLController:
-    """Constant KL coefficient with the :class:`AdaptiveKLController` interface."""
-
-    def __init__(self, kl_coef: float) -> None:
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: float | Tensor, n_steps: int) -> float:
-        """No-op; returns ``value``."""
-        return self.value
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
-    def __repr__(self) -> str:
-        return f"FixedKLController(value={self.value})"
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
