@@ -20,23 +20,18 @@ from tqdm.auto import tqdm
 
 from .core.losses import sft_loss
 from .data import RLHFDataModule, model_inputs
-from .rollout import RewardModelScorer, generate, import_function
+from .rollout import GenerationSpec, RewardModelScorer, generate, import_function
 
 
 @dataclass
-class SamplingSpec:
-    """Sampling settings of an evaluation (the same for every model compared)."""
+class SamplingSpec(GenerationSpec):
+    """Sampling settings of an evaluation (the same for every model compared): the rollout's
+    :class:`GenerationSpec` with evaluation defaults, plus a seed and a batch size."""
 
     max_new_tokens: int = 32
-    """Most tokens per response."""
-    temperature: float = 1.0
-    """1.0 samples the model's own distribution (then ``kl`` is the KL of what is sampled)."""
-    top_k: int = 0
-    """0: off."""
-    top_p: float = 1.0
-    """1.0: off."""
     num_samples: int = 4
-    """Responses per prompt."""
+    """Responses per prompt. ``temperature`` 1.0 samples the model's own distribution, so ``kl_to_ref``
+    is the KL of what is sampled."""
     seed: int = 1234
     """Seed of the sampling generator, reset for each model."""
     batch_size: int = 64

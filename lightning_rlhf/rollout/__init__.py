@@ -1,6 +1,14 @@
 """Rollout: batched sampling with a KV cache (`generate` -> `Rollout`) and reward scorers."""
 
-from lightning_rlhf.rollout.generate import Rollout, eval_mode, filter_logits, generate, left_pad, sample_next
+from lightning_rlhf.rollout.generate import (
+    GenerationSpec,
+    Rollout,
+    eval_mode,
+    filter_logits,
+    generate,
+    left_pad,
+    sample_next,
+)
 from lightning_rlhf.rollout.scoring import (
     CompositeScorer,
     RewardFunctionScorer,
@@ -12,6 +20,7 @@ from lightning_rlhf.rollout.scoring import (
 
 __all__ = [
     "CompositeScorer",
+    "GenerationSpec",
     "RewardFunctionScorer",
     "RewardModelScorer",
     "Rollout",

@@ -23,6 +23,22 @@ from lightning_rlhf.models.forward import default_position_ids, sequence_logprob
 
 
 @dataclass
+class GenerationSpec:
+    """How responses are sampled during the rollout (``rollout.generate``)."""
+
+    max_new_tokens: int = 64
+    """Most tokens generated per response; a response that reaches it without EOS is 'truncated'."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0). Log-probs of the training forward use the same temperature."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    num_samples: int = 1
+    """Responses per prompt (rows of one prompt are consecutive; GRPO's group size)."""
+
+
+@dataclass
 class Rollout:
     """Sampled responses of a prompt batch; rows = prompts x samples.
 

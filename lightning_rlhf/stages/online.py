@@ -41,7 +41,14 @@ from torch import nn
 
 from ..core import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean, token_rewards
 from ..models import ModelSpec, as_spec, freeze, load_causal_lm, load_sequence_classifier
-from ..rollout import CompositeScorer, RewardFunctionScorer, RewardModelScorer, Rollout, eval_mode
+from ..rollout import (
+    CompositeScorer,
+    GenerationSpec,
+    RewardFunctionScorer,
+    RewardModelScorer,
+    Rollout,
+    eval_mode,
+)
 from ..rollout import generate as sample_rollout
 from .common import (
     OptimSpec,
@@ -51,24 +58,6 @@ from .common import (
     build_scheduler,
     total_training_steps,
 )
-
-
-@dataclass
-class GenerationSpec:
-    """How responses are sampled during the rollout (``rollout.generate``)."""
-
-    max_new_tokens: int = 64
-    """Most tokens generated per response; a response that reaches it without EOS is 'truncated'."""
-    temperature: float = 1.0
-    """Sampling temperature (> 0). Log-probs of the training forward use the same temperature."""
-    top_k: int = 0
-    """Sample among the k most likely tokens (0: off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1.0: off)."""
-    num_samples: int = 1
-    """Responses per prompt (rows of one prompt are consecutive; GRPO's group size)."""
-
-
 
 
 class RunningMoments:
