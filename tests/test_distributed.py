@@ -7,6 +7,7 @@ gathered from the shards.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -111,3 +112,106 @@ def test_online_stages_under_ddp_keep_ranks_in_sync(tmp_path, kind):
     assert sums["rank=0"] == sums["rank=1"]  # ... and the weights agree to the last digit
     init = sum(float(p.double().sum()) for p in load_causal_lm(str(base_model_dir()), trainable=False).parameters())
     assert sums["rank=0"] != f"sum={init:.12e}"  # training happened
+
+
+# --------------------------------------------------------------------------------------------------
+# Data-dependent decisions agreed across ranks: a rank whose responses all stop at once, a rank whose
+# groups never have signal (GRPO dynamic sampling), PPO's target_kl. Under FSDP2 every forward is a
+# collective, so a disagreement hangs (the timeout fails the test); under DDP the forward counts
+# printed by each rank must agree.
+
+AGREEMENT_REWARDS = '''
+import torch.distributed as dist
+
+def length_on_rank0(prompts, completions, **_):
+    """Rank 0: the length (signal in every group); rank 1: constant (no group ever has signal)."""
+    return [float(len(c)) if dist.get_rank() == 0 else 0.0 for c in completions]
+'''
+
+AGREEMENT_SCRIPT = """
+import json, sys, torch, lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning_rlhf.stages import PPOModule, GRPOModule
+from lightning_rlhf.data import RLHFDataModule
+
+kind, strategy, base, prompts = sys.argv[1:5]
+
+
+class EarlyStopOnRank1:
+    def eos_token_ids(self):
+        # rank 1: every token ends a response, so its rows all finish after one token
+        if self.global_rank == 1:
+            return list(range(len(self.tokenizer)))
+        return super().eos_token_ids()
+
+
+class PPO(EarlyStopOnRank1, PPOModule):
+    pass
+
+
+class GRPO(EarlyStopOnRank1, GRPOModule):
+    pass
+
+
+L.seed_everything(0)
+common = dict(policy=base, generation={"max_new_tokens": 12}, mini_batch_size=2, micro_batch_size=1,
+              forward_batch_size=2, log_samples_every_n_steps=0)
+if kind == "ppo":
+    m = PPO(critic_init="policy", ppo_epochs=3, target_kl=1e-12, kl_target=1.0,
+            reward_functions=["lightning_rlhf.demo.rewards.gold_reward"], **common)
+else:
+    m = GRPO(num_generations=2, beta=0.1, kl_target=1.0, dynamic_sampling=True, max_resample_rounds=2,
+             num_iterations=2, reward_functions=["agreement_rewards.length_on_rank0"], **common)
+forwards = []
+metrics = {}
+
+
+class Spy(L.Callback):
+    def on_fit_start(self, trainer, module):
+        module.policy.register_forward_hook(lambda *a: forwards.append(1))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, i):
+        for k in ("train/epochs", "rollout/sampling_rounds", "rollout/groups", "rollout/response_len"):
+            if k in trainer.callback_metrics:
+                metrics.setdefault(k, []).append(round(float(trainer.callback_metrics[k]), 3))
+
+
+strat = "ddp" if strategy == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+dm = RLHFDataModule(prompts, batch_size=4, max_prompt_length=32)
+t = L.Trainer(accelerator="cpu", devices=2, strategy=strat, max_epochs=1, limit_train_batches=2, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()])
+t.fit(m, dm)
+full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in m.policy.parameters()]
+s = sum(float(p.detach().double().sum()) for p in full)
+with open(f"result-{t.global_rank}.json", "w") as f:  # a file per rank: stdout lines may interleave
+    json.dump({"sum": f"{s:.12e}", "forwards": len(forwards), "metrics": metrics}, f)
+"""
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_online_decisions_are_agreed_across_ranks(tmp_path, kind, strategy):
+    """Rank 1's responses all stop after one token while rank 0's run on; PPO stops its epochs by
+    target_kl and adapts its KL coefficient; GRPO's dynamic sampling finds signal only on rank 0
+    (rank 1 keeps no group and trains with zero weight). Every rank must run the same forwards
+    and end with the same weights; a disagreement under FSDP2 hangs, and the timeout fails it."""
+    from lightning_rlhf.demo.assets import base_model_dir
+
+    (tmp_path / "run.py").write_text(AGREEMENT_SCRIPT)
+    (tmp_path / "agreement_rewards.py").write_text(AGREEMENT_REWARDS)
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    args = [sys.executable, "run.py", kind, strategy, str(base_model_dir()),
+            str(ROOT / "data/demo/reviews/prompts_eval.jsonl")]  # fmt: skip
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1))
+    assert r0["sum"] == r1["sum"]  # the same updates on both ranks, to the last digit
+    assert r0["forwards"] == r1["forwards"]  # the same forwards (each a collective under FSDP2)
+    m0, m1 = r0["metrics"], r1["metrics"]
+    assert all(v == 1.0 for v in m1["rollout/response_len"])  # rank 1 stopped after one token ...
+    assert all(v > 1.0 for v in m0["rollout/response_len"])  # ... rank 0 did not
+    if kind == "ppo":
+        assert m0["train/epochs"] == m1["train/epochs"] == [1.0, 1.0]  # target_kl stopped both after 1
+    else:
+        assert m0["rollout/sampling_rounds"] == m1["rollout/sampling_rounds"] == [3.0, 3.0]  # 1 + 2 extra
+        assert m0["rollout/groups"] == [4.0, 4.0] and m1["rollout/groups"] == [0.0, 0.0]

@@ -1,9 +1,58 @@
-"""FSDP2 sharding of Hugging Face models (for Lightning's ``ModelParallelStrategy``) and full-state export."""
+"""FSDP2 sharding of Hugging Face models (for Lightning's ``ModelParallelStrategy``), full-state export,
+and the small collectives with which ranks agree on data-dependent decisions.
+
+The collectives use ``torch.distributed`` directly, so they work the same under a Trainer and under
+Fabric; on one process (no process group) they return their input.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
 import torch
 from torch import nn
+
+
+def world_size() -> int:
+    """Processes in the default group (1 without ``torch.distributed``)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce(x: torch.Tensor, op: Literal["sum", "max", "min"] = "sum") -> torch.Tensor:
+    """``x`` reduced over every rank (a new tensor; ``x`` itself on one process). Every rank must call
+    it, in the same order: it is how ranks agree on a count, a flag or a mean."""
+    if world_size() == 1:
+        return x
+    import torch.distributed as dist
+
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    out = x.detach().clone()
+    dist.all_reduce(out, op=ops[op])
+    return out
+
+
+@contextlib.contextmanager
+def fsdp_gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Turn off (``enabled=False``) the gradient reduce-scatter of every FSDP2 unit in ``module`` for
+    the block (``set_requires_gradient_sync``): backward passes then accumulate unsharded local
+    gradients, reduced by the next backward outside such a block. A no-op without FSDP2 units."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if enabled or not units:
+        yield
+        return
+    for m in units:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_requires_gradient_sync(True, recurse=False)
 
 
 def _data_parallel_mesh(mesh):

@@ -248,6 +248,7 @@ def generate(
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    sync_stop: bool = False,
 ) -> Rollout:
     """Sample `num_samples` responses per prompt with the model's KV cache.
 
@@ -265,6 +266,11 @@ def generate(
         eos_token_id: one id or a list; a row stops after emitting one (the EOS is kept, masked 1).
         pad_token_id: filler for prompt left-padding and for response tokens after a row stops.
         generator: random generator on the model's device, for reproducible sampling.
+        sync_stop: under `torch.distributed`, stop only when every rank's rows have finished (a flag
+            all-reduced each step); a rank whose rows are done keeps running forwards on pad tokens,
+            so every rank runs the same number of forwards (FSDP2's all-gathers are collectives; as
+            transformers' `synced_gpus`). The rows are the same as without; the response may have more
+            all-pad columns (mask 0) at the end.
 
     Returns:
         a `Rollout` with N = B * num_samples rows; its tensors are constants (no autograd graph).
@@ -325,7 +331,11 @@ def generate(
             finished |= is_eos
             mask[:, p + t] = alive.long()  # the token just sampled is real for the rows that sampled it
             alive = alive & ~is_eos
-            if t == max_new_tokens - 1 or not bool(alive.any()):
+            any_alive = alive.any()
+            if sync_stop and torch.distributed.is_available() and torch.distributed.is_initialized():
+                any_alive = any_alive.to(torch.int32)
+                torch.distributed.all_reduce(any_alive, op=torch.distributed.ReduceOp.MAX)
+            if t == max_new_tokens - 1 or not bool(any_alive):
                 break
             logits, cache = _last_logits_and_cache(
                 model(

@@ -24,6 +24,7 @@ import torch
 
 from ..core import aggregate_loss, flat_groups, group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from ..models import ModelSpec
+from ..models.distributed import all_reduce
 from ..rollout import Rollout
 from .common import as_dataclass
 from .online import GenerationSpec, OnlineRLModule, Scores
@@ -158,11 +159,13 @@ class GRPOModule(OnlineRLModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         rollout, scores, stats = self.sample_groups(batch)
-        if stats.get("rollout/groups") == 0:  # dynamic sampling found no group with signal: skip
+        if stats.get("rollout/groups_all_ranks") == 0:  # dynamic sampling found no group with signal: skip
             stats["train/skipped"] = 1.0  # the LR schedule advances per update: not here
             self.rollout_step += 1
             self.log_rollout(rollout, scores, None, stats)
             return
+        # another rank has groups, this one none: it runs the same forwards/steps with zero weight
+        has_rows = stats.get("rollout/groups") != 0
         mask = rollout.response_mask
         with self.timed("forward"):
             ref_logprobs = self.reference_logprobs(rollout)  # None when beta == 0
@@ -176,12 +179,13 @@ class GRPOModule(OnlineRLModule):
         rewards = self.sequence_rewards(scores.rewards, kl, mask)
         advantages = self.advantages(rewards)
         with self.timed("train"):
-            stats.update(self.optimise(rollout, old_logprobs, ref_logprobs, advantages))
+            args = (rollout, old_logprobs, ref_logprobs, advantages)
+            stats.update(self.optimise(*args) if has_rows else self.optimise(*args, has_rows=False))
         stats["rollout/advantage_abs_mean"] = float(advantages.abs().mean())
         self.rollout_step += 1
         self.log_rollout(rollout, scores, kl, stats)
         if kl is not None and self.kl_target is not None:
-            self.update_kl_controller(kl, mask)
+            self.update_kl_controller(kl, mask if has_rows else torch.zeros_like(mask))
 
     # ------------------------------------------------------------------------------- sampling
 
@@ -191,6 +195,11 @@ class GRPOModule(OnlineRLModule):
 
         Returns ``(rollout, scores, stats)``. When dynamic sampling kept no group at all, the first
         round's rollout and scores (for the logs) with ``stats["rollout/groups"] == 0``.
+
+        Several processes: the ranks agree on the rounds (they resample while any rank's batch is
+        not full, a rank already full sampling and dropping), so every rank runs the same
+        forwards; ``stats["rollout/groups_all_ranks"]`` is the groups kept over all ranks (0: every
+        rank skips the update).
         """
         n_prompts = batch["input_ids"].shape[0]
         kept: list[tuple[Rollout, Scores]] = []
@@ -216,10 +225,13 @@ class GRPOModule(OnlineRLModule):
                 rows = rows.flatten()
                 kept.append((rollout.select(rows), scores.select(rows)))
                 n_kept += len(groups)
-            if n_kept >= n_prompts or rounds > self.max_resample_rounds:
+            # agreed: stop when every rank's batch is full (or the rounds are spent everywhere)
+            need = all_reduce(torch.tensor(int(n_kept < n_prompts), device=self.device), "max")
+            if not bool(need) or rounds > self.max_resample_rounds:
                 break
         stats["rollout/sampling_rounds"] = float(rounds)
         stats["rollout/groups"] = float(n_kept)
+        stats["rollout/groups_all_ranks"] = float(all_reduce(torch.tensor(n_kept, device=self.device)))
         if not kept:
             return (*first, stats)
         rollout = Rollout.cat([r for r, _ in kept], self.tokenizer.pad_token_id)
@@ -228,7 +240,9 @@ class GRPOModule(OnlineRLModule):
     def old_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
         """``(N, R)`` log-probs of the rollout policy, or None when the training forward's own
         (detached) log-probs are exactly those: one iteration, one optimiser step."""
-        one_step = self.mini_batch_size is None or self.mini_batch_size >= len(rollout)
+        # agreed over ranks (their row counts may differ): the choice decides whether a forward runs
+        rows = int(all_reduce(torch.tensor(len(rollout), device=self.device), "max"))
+        one_step = self.mini_batch_size is None or self.mini_batch_size >= rows
         if self.num_iterations == 1 and one_step:
             return None
         if self.recompute_logprobs:
@@ -308,10 +322,12 @@ class GRPOModule(OnlineRLModule):
         old_logprobs: torch.Tensor | None,
         ref_logprobs: torch.Tensor | None,
         advantages: torch.Tensor,
+        has_rows: bool = True,
     ) -> dict[str, float]:
         """``num_iterations`` x shuffled mini-batches, one optimiser step each, accumulated over
         micro-batches (``OnlineRLModule.optimise_minibatches``); the LR schedule advances once per
-        call. Returns the mean of each ``train/`` statistic over all micro-batches."""
+        call. Returns the mean of each ``train/`` statistic over all micro-batches. ``has_rows``:
+        False when this rank kept no group but another did (it runs zero-weight micro-batches)."""
         (opt,) = self.optimizer_list()
         stats, _ = self.optimise_minibatches(
             rollout,
@@ -322,5 +338,6 @@ class GRPOModule(OnlineRLModule):
             mini_batch_size=self.mini_batch_size,
             micro_batch_size=self.micro_batch_size,
             loss_agg=self.loss_agg,
+            has_rows=has_rows,
         )
         return stats

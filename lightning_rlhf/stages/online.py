@@ -41,6 +41,7 @@ from torch import nn
 
 from ..core import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean, token_rewards
 from ..models import ModelSpec, as_spec, freeze, load_causal_lm, load_sequence_classifier
+from ..models.distributed import all_reduce, fsdp_gradient_sync, world_size
 from ..rollout import (
     CompositeScorer,
     GenerationSpec,
@@ -407,11 +408,23 @@ class OnlineRLModule(StageModule):
         micro_batch_size: int | None = None,
         loss_agg: str = "token_mean",
         target_kl: float | None = None,
+        has_rows: bool = True,
     ) -> tuple[dict[str, float], int]:
         """The optimisation phase of a rollout step: ``epochs`` x shuffled mini-batches of
         ``mini_batch_size`` rows, each one step of every optimiser, its gradient accumulated over
         micro-batches of ``micro_batch_size`` rows (``manual_backward``); then the LR schedules
         advance once.
+
+        Several processes: every rank runs the same number of forwards, backwards and optimiser
+        steps, whatever its row count (GRPO's dynamic sampling keeps a different number of rows per
+        rank): the ranks agree on the most mini-batches and micro-batches per mini-batch, and a rank
+        with fewer runs zero-weight micro-batches (on its row 0) in their place. Each micro-batch's
+        share is taken of the *global* mini-batch (its tokens or rows over all ranks' , times the
+        world size, since DDP and FSDP2 average gradients), so the step equals one process's step on
+        the union of the ranks' rows. The gradients of all but the last micro-batch of a mini-batch
+        are accumulated without synchronisation (``no_sync`` / FSDP2's
+        ``set_requires_gradient_sync``; see ``sync_free_accumulation``). ``target_kl`` compares the
+        mean ``approx_kl`` over every rank's micro-batches, so all ranks stop after the same epoch.
 
         Args:
             rollout: the ``N`` rows trained on.
@@ -428,40 +441,87 @@ class OnlineRLModule(StageModule):
                 loss (its tokens for ``token_mean``, its rows otherwise), so that the accumulated
                 gradient is that of the whole mini-batch.
             target_kl: stop after an epoch whose mean ``train/approx_kl`` exceeds it (None: off).
+            has_rows: False when this rank has nothing to train on but others do: it then only
+                runs the agreed zero-weight micro-batches and steps.
 
         Returns:
-            ``(stats, epochs_done)``: the mean of each statistic over all micro-batches, and the
-            epochs run.
+            ``(stats, epochs_done)``: the mean of each statistic over this rank's micro-batches, and
+            the epochs run.
         """
         mask = rollout.response_mask
+        world = world_size()
         history: dict[str, list[torch.Tensor]] = defaultdict(list)
+        n = len(rollout) if has_rows else 0
+        size = mini_batch_size or len(rollout)
+        micro = micro_batch_size or size
+        # the agreed plan: most mini-batches per epoch, most micro-batches per mini-batch
+        plan = torch.tensor([math.ceil(n / size), math.ceil(min(n, size) / micro)], device=self.device)
+        n_mini, n_micro = (int(v) for v in all_reduce(plan, "max"))
+        dummy = torch.zeros(1, dtype=torch.long, device=self.device)  # row 0, trained with weight 0
         epochs_done = 0
         for _epoch in range(epochs):
-            epoch_kl = []
-            for mb_idx in self.minibatches(len(rollout), mini_batch_size):
-                mb_tokens = mask[mb_idx].sum()
-                for idx in mb_idx.split(micro_batch_size or len(mb_idx)):
+            kl_sum, kl_count = torch.zeros((), device=self.device), 0
+            local = self.minibatches(n, mini_batch_size) if has_rows else []
+            for j in range(n_mini):
+                mb_idx = local[j] if j < len(local) else dummy[:0]
+                micro_idx = list(mb_idx.split(micro)) if len(mb_idx) else []
+                # the mini-batch's loss normaliser over every rank: its tokens or rows
+                denom = mask[mb_idx].sum() if loss_agg == "token_mean" else torch.tensor(len(mb_idx))
+                denom = all_reduce(denom.to(self.device, torch.float32), "sum").clamp(min=1) / world
+                for k in range(n_micro):
+                    idx = micro_idx[k] if k < len(micro_idx) else dummy
                     mb, *rows = take(rollout, idx, *aligned)
                     loss, stats = loss_fn(mb, idx, *rows)
+                    real = k < len(micro_idx)
                     # weight so that the accumulated gradient is that of the whole mini-batch's loss
-                    share = (
-                        mb.response_mask.sum() / mb_tokens
-                        if loss_agg == "token_mean"
-                        else len(idx) / len(mb_idx)
-                    )
-                    self.manual_backward(loss * share)
-                    for k, v in stats.items():
-                        history[k].append(v)
-                    if target_kl is not None:
-                        epoch_kl.append(stats["train/approx_kl"])
+                    count = mb.response_mask.sum() if loss_agg == "token_mean" else len(idx)
+                    share = count / denom if real else 0.0
+                    with self.gradient_sync(k == n_micro - 1):
+                        self.manual_backward(loss * share)
+                    if real:
+                        for key, v in stats.items():
+                            history[key].append(v)
+                        if target_kl is not None:
+                            kl_sum, kl_count = kl_sum + stats["train/approx_kl"].detach(), kl_count + 1
                 for opt, max_grad_norm in optimizers:
                     self.clip_and_step(opt, max_grad_norm)
             epochs_done += 1
-            if target_kl is not None and float(torch.stack(epoch_kl).mean()) > target_kl:
-                break
+            if target_kl is not None:
+                total = all_reduce(torch.stack([kl_sum.float(), torch.tensor(float(kl_count), device=self.device)]))
+                if float(total[0] / total[1].clamp(min=1)) > target_kl:
+                    break
         for sched in self.schedulers():
             sched.step()
         return {k: float(torch.stack(v).float().mean()) for k, v in history.items()}, epochs_done
+
+    sync_free_accumulation: bool = True
+    """Accumulate the gradients of a mini-batch's micro-batches without synchronising them across
+    ranks, except on the last one (one all-reduce per optimiser step instead of one per micro-batch).
+    False: every backward synchronises (the same result, slower; kept for comparison)."""
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Whether the backward passes in the block synchronise gradients across ranks. Off: DDP's
+        ``no_sync`` (through the strategy, under a Trainer or Fabric) and FSDP2's
+        ``set_requires_gradient_sync(False)`` on every sharded module. A no-op on one process and
+        with ``sync_free_accumulation`` off."""
+        if enabled or not self.sync_free_accumulation or world_size() == 1:
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            if self._fabric is not None:
+                from lightning.fabric.strategies import DDPStrategy as FabricDDP
+
+                ddp = getattr(self._fabric, "_runner_module", None)
+                if isinstance(self._fabric.strategy, FabricDDP) and ddp is not None:
+                    stack.enter_context(self._fabric.no_backward_sync(ddp))
+            elif self._trainer is not None:
+                from lightning.pytorch.strategies import ParallelStrategy
+
+                if isinstance(self.trainer.strategy, ParallelStrategy):
+                    stack.enter_context(self.trainer.strategy.block_backward_sync())
+            stack.enter_context(fsdp_gradient_sync(self, False))
+            yield
 
     # --------------------------------------------------------------------------------- rollout
 
@@ -504,6 +564,7 @@ class OnlineRLModule(StageModule):
             eos_token_id=self.eos_token_ids(),
             pad_token_id=self.tokenizer.pad_token_id,
             generator=self.generator,
+            sync_stop=world_size() > 1,
         )
 
     def score(self, rollout: Rollout, batch: dict) -> Scores:
@@ -545,9 +606,17 @@ class OnlineRLModule(StageModule):
         return self.all_gather(x).flatten() if world > 1 else x
 
     def _chunked(self, fn: Callable[[Rollout], torch.Tensor | tuple], rollout: Rollout):
-        """``fn`` over chunks of ``forward_batch_size`` rows, outputs (a tensor or a tuple) concatenated."""
+        """``fn`` over chunks of ``forward_batch_size`` rows, outputs (a tensor or a tuple) concatenated.
+
+        Several processes with different row counts: the ranks agree on the most chunks, and a rank
+        with fewer runs (and drops) forwards of its row 0, so every rank runs the same forwards
+        (each one a collective under FSDP2)."""
         step = self.forward_batch_size or len(rollout)
         outs = [fn(rollout.select(slice(i, i + step))) for i in range(0, len(rollout), step)]
+        if self.forward_batch_size and world_size() > 1:
+            most = int(all_reduce(torch.tensor(len(outs), device=self.device), "max"))
+            for _ in range(most - len(outs)):
+                fn(rollout.select(slice(0, 1)))
         if isinstance(outs[0], tuple):
             return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
         return torch.cat(outs)
@@ -596,9 +665,12 @@ class OnlineRLModule(StageModule):
         return token_rewards(scores, kl, mask, self.kl_ctl.value), kl
 
     def update_kl_controller(self, kl: torch.Tensor, mask: torch.Tensor) -> None:
-        """Feed the adaptive controller the mean per-sequence KL of this rollout (``N`` rows)."""
-        seq_kl = self._gather((kl * mask).sum(-1))
-        self.kl_ctl.update(float(seq_kl.mean()), n_steps=int(seq_kl.numel()))
+        """Feed the adaptive controller the mean per-sequence KL of this rollout's rows on every rank
+        (rows with an all-0 ``mask`` do not count; ranks may hold different row counts)."""
+        rows = mask.sum(-1) > 0
+        total = all_reduce(torch.stack([(kl * mask).sum(), rows.sum().to(kl.dtype)]).float())
+        if total[1] > 0:
+            self.kl_ctl.update(float(total[0] / total[1]), n_steps=int(total[1]))
 
     # --------------------------------------------------------------------------------- logging
 
