@@ -133,6 +133,7 @@ import json, sys, torch, lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_rlhf.stages import PPOModule, GRPOModule
 from lightning_rlhf.data import RLHFDataModule
+from lightning_rlhf.models.distributed import is_sharded
 
 kind, strategy, base, prompts = sys.argv[1:5]
 
@@ -184,7 +185,8 @@ t.fit(m, dm)
 full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in m.policy.parameters()]
 s = sum(float(p.detach().double().sum()) for p in full)
 with open(f"result-{t.global_rank}.json", "w") as f:  # a file per rank: stdout lines may interleave
-    json.dump({"sum": f"{s:.12e}", "forwards": len(forwards), "metrics": metrics}, f)
+    json.dump({"sum": f"{s:.12e}", "forwards": len(forwards), "metrics": metrics,
+               "reference_sharded": is_sharded(m.reference)}, f)
 """
 
 
@@ -208,6 +210,7 @@ def test_online_decisions_are_agreed_across_ranks(tmp_path, kind, strategy):
     assert r0["sum"] == r1["sum"]  # the same updates on both ranks, to the last digit
     assert r0["forwards"] == r1["forwards"]  # the same forwards (each a collective under FSDP2)
     m0, m1 = r0["metrics"], r1["metrics"]
+    assert r0["reference_sharded"] == r1["reference_sharded"] == (strategy == "fsdp2")  # frozen, sharded too
     assert all(v == 1.0 for v in m1["rollout/response_len"])  # rank 1 stopped after one token ...
     assert all(v > 1.0 for v in m0["rollout/response_len"])  # ... rank 0 did not
     if kind == "ppo":

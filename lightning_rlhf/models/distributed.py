@@ -60,6 +60,31 @@ def _data_parallel_mesh(mesh):
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
+@contextlib.contextmanager
+def gathered_once(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Keep every FSDP2 unit of ``model`` unsharded from its first forward in the block to the end
+    of the block (``set_reshard_after_forward(False)``, then ``reshard()``): a loop of forwards, such
+    as token-by-token sampling, all-gathers each layer once instead of once per forward. A no-op
+    without FSDP2 units or with ``enabled=False``. The units must have been built resharding after
+    forward (``shard_fsdp2``'s default); that setting is restored after the block."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not enabled or not units:
+        yield
+        return
+    inner = [m for m in units if m is not model]  # the root never reshards after forward anyway
+    for m in inner:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in inner:
+            m.set_reshard_after_forward(True, recurse=False)
+        for m in units:
+            m.reshard()
+
+
 def shard_fsdp2(model: nn.Module, device_mesh) -> nn.Module:
     """``fully_shard`` each decoder layer (the model's ``_no_split_modules`` classes), then the root.
 

@@ -119,14 +119,14 @@ class DPOModule(OfflineStageModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy = load_causal_lm(self.policy_spec)
+            self.policy = self.shard(load_causal_lm(self.policy_spec))
         if (
             self.reference is None
             and self.needs_reference
             and not is_peft(self.policy)
             and not self.ref_cache
         ):
-            self.reference = load_causal_lm(self._reference_spec(), trainable=False)
+            self.reference = self.shard(load_causal_lm(self._reference_spec(), trainable=False))
 
     def _reference_spec(self) -> ModelSpec:
         if self.reference_spec is not None:

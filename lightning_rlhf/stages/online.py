@@ -41,7 +41,7 @@ from torch import nn
 
 from ..core import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean, token_rewards
 from ..models import ModelSpec, as_spec, freeze, load_causal_lm, load_sequence_classifier
-from ..models.distributed import all_reduce, fsdp_gradient_sync, world_size
+from ..models.distributed import all_reduce, fsdp_gradient_sync, gathered_once, is_sharded, world_size
 from ..rollout import (
     CompositeScorer,
     GenerationSpec,
@@ -144,7 +144,12 @@ class OnlineRLModule(StageModule):
     runs the rollout and then ``optimise_minibatches`` with its own loss, which uses
     ``self.manual_backward``, ``self.clip_gradients`` and ``self.schedulers()`` so that Lightning's
     precision and strategy apply. ``trainer.global_step`` therefore counts optimiser steps (of every
-    optimiser); bound a run by prompt batches with ``max_epochs`` / ``limit_train_batches``.
+    optimiser, times epochs and mini-batches), so the Trainer options counted in it
+    (``trainer.max_steps``, ``trainer.min_steps``, ``ModelCheckpoint(every_n_train_steps=...)``) are
+    rejected at the start of fit with the alternative: bound a run in rollout steps (prompt
+    batches) with ``max_epochs`` / ``limit_train_batches``, export every N rollout steps with
+    ``save_every_n_steps``. ``val_check_interval`` and ``log_every_n_steps`` count training batches,
+    that is rollout steps, and are fine.
 
     Args:
         policy: the model trained (folder, dtype, LoRA, 4-bit, gradient checkpointing). Gradient
@@ -285,6 +290,11 @@ class OnlineRLModule(StageModule):
         self.last_samples: list[dict] = []
         self.save_hyperparameters()
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self._trainer is not None:
+            reject_optimiser_step_options(self.trainer, type(self).__name__)
+
     # ----------------------------------------------------------------------------------- models
 
     @property
@@ -317,9 +327,9 @@ class OnlineRLModule(StageModule):
             self.policy = self.shard(load_causal_lm(self.policy_spec).train())
         if self.uses_reference and not self.reference_is_adapter_off and "reference" not in self._frozen:
             spec = self.reference_spec or replace(self.policy_spec, lora=None, gradient_checkpointing=False)
-            self._frozen["reference"] = load_causal_lm(spec, trainable=False)
+            self._frozen["reference"] = self.shard(load_causal_lm(spec, trainable=False))
         if self.reward_spec is not None and "reward" not in self._frozen:
-            self._frozen["reward"] = load_sequence_classifier(self.reward_spec, trainable=False)
+            self._frozen["reward"] = self.shard(load_sequence_classifier(self.reward_spec, trainable=False))
         if self.scorer is None:
             n_sources = (self.reward_model is not None) + len(self.reward_functions)
             weights = list(self.reward_weights or [1.0] * n_sources)
@@ -346,14 +356,16 @@ class OnlineRLModule(StageModule):
     @contextlib.contextmanager
     def frozen_on_device(self, name: str) -> Iterator[nn.Module | None]:
         """The frozen model ``name`` (``"reference"``/``"reward"``) on ``self.device`` for the block;
-        back on the CPU after it when ``offload_frozen``."""
+        back on the CPU after it when ``offload_frozen``. An FSDP2-sharded one stays where its shards
+        are."""
         model = self._frozen.get(name)
-        if model is not None:
+        move = model is not None and not is_sharded(model)
+        if move:
             model.to(self.device)
         try:
             yield model
         finally:
-            if model is not None and self.offload_frozen:
+            if move and self.offload_frozen:
                 model.to("cpu")
 
     # ---------------------------------------------------------------------------- optimisation
@@ -549,23 +561,29 @@ class OnlineRLModule(StageModule):
             ids.update(config_eos)
         return sorted(i for i in ids if i is not None)
 
+    rollout_gathered_once: bool = True
+    """Under FSDP2, all-gather the policy's layers once per rollout (at the first forward) and keep
+    them until sampling ends, instead of re-gathering every layer for every generated token: faster,
+    at the cost of one full copy of the policy per rank during sampling. False: per-token gathers."""
+
     def generate(self, batch: dict) -> Rollout:
         """Sample responses to the prompt batch from the policy (eval mode, KV cache, no grad)."""
         g = self.generation
-        return sample_rollout(
-            self.policy,
-            batch["input_ids"],
-            batch["attention_mask"],
-            max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature,
-            top_k=g.top_k,
-            top_p=g.top_p,
-            num_samples=g.num_samples,
-            eos_token_id=self.eos_token_ids(),
-            pad_token_id=self.tokenizer.pad_token_id,
-            generator=self.generator,
-            sync_stop=world_size() > 1,
-        )
+        with gathered_once(self.policy, self.rollout_gathered_once):  # FSDP2: gather once per rollout
+            return sample_rollout(
+                self.policy,
+                batch["input_ids"],
+                batch["attention_mask"],
+                max_new_tokens=g.max_new_tokens,
+                temperature=g.temperature,
+                top_k=g.top_k,
+                top_p=g.top_p,
+                num_samples=g.num_samples,
+                eos_token_id=self.eos_token_ids(),
+                pad_token_id=self.tokenizer.pad_token_id,
+                generator=self.generator,
+                sync_stop=world_size() > 1,
+            )
 
     def score(self, rollout: Rollout, batch: dict) -> Scores:
         """Score each row with the reward sources, compute the diagnostics, and shape the scores."""
@@ -782,6 +800,31 @@ class OnlineRLModule(StageModule):
                 rank_zero_info(
                     f"[{type(self).__name__}] saved the policy at rollout step {self.rollout_step} to {path}"
                 )
+
+
+def reject_optimiser_step_options(trainer, stage: str) -> None:
+    """Raise a ``ValueError`` naming the option and what to use instead when the Trainer is set to
+    count ``trainer.global_step``: under manual optimisation it counts every optimiser step (actor
+    and critic, times epochs and mini-batches), not rollout steps."""
+    why = (
+        f"{stage} optimises by hand: trainer.global_step counts every optimiser step (each optimiser, "
+        "times epochs and mini-batches of a rollout), not rollout steps (prompt batches)"
+    )
+    for name in ("max_steps", "min_steps"):
+        value = getattr(trainer, name, None)
+        if value not in (None, -1):
+            raise ValueError(
+                f"trainer.{name}={value} is not supported: {why}. Bound the run in rollout steps with "
+                "trainer.max_epochs and trainer.limit_train_batches (rollout steps per epoch) instead"
+            )
+    for cb in getattr(trainer, "checkpoint_callbacks", []):
+        n = getattr(cb, "_every_n_train_steps", 0)
+        if n:
+            raise ValueError(
+                f"ModelCheckpoint(every_n_train_steps={n}) is not supported: {why}. Use "
+                "ModelCheckpoint(every_n_epochs=...) or train_time_interval for Lightning checkpoints, "
+                f"or {stage}'s save_every_n_steps to export the policy every N rollout steps"
+            )
 
 
 def take(rollout: Rollout, idx: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:

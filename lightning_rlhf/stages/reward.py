@@ -79,7 +79,7 @@ class RewardModule(OfflineStageModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = load_sequence_classifier(self.model_spec)
+            self.model = self.shard(load_sequence_classifier(self.model_spec))
 
     def exported_model(self):
         return self.model

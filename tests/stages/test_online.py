@@ -233,3 +233,57 @@ def test_sequence_logprobs_of_the_rollout_match_the_forward_helper(tiny_model_di
         tail, _ = rollout.response_logprobs(m.policy)
     r = rollout.response_ids.shape[1]
     assert torch.allclose(full[:, -r:] * rollout.response_mask, tail, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"max_steps": 3}, "trainer.max_steps=3 is not supported"),
+        ({"min_steps": 2}, "trainer.min_steps=2 is not supported"),
+        ({"callbacks": "checkpoint"}, "ModelCheckpoint(every_n_train_steps=2) is not supported"),
+    ],
+)
+def test_options_counting_optimiser_steps_are_rejected_with_the_alternative(
+    tiny_model_dir, tmp_path, option, message
+):
+    """Under manual optimisation global_step counts every optimiser step; options counted in it are
+    refused before any rollout, naming the option and the rollout-step alternative."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_rlhf.data import RLHFDataModule
+    from lightning_rlhf.stages import PPOModule
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "review number {i}"}}\n' for i in range(4)))
+    if option.get("callbacks") == "checkpoint":
+        option = {"callbacks": [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2)]}
+    t = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  max_epochs=1, **option)  # fmt: skip
+    m = PPOModule(policy=str(tiny_model_dir), reward_functions=["lightning_rlhf.demo.rewards.gold_reward"],
+                  generation={"max_new_tokens": 2}, log_samples_every_n_steps=0)  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        t.fit(m, RLHFDataModule(str(prompts), batch_size=2))
+    assert message in str(err.value)
+    assert "rollout steps" in str(err.value)
+    assert m.rollout_step == 0  # refused before any rollout
+
+
+def test_rollout_steps_bound_the_run_while_global_step_counts_optimiser_steps(tiny_model_dir, tmp_path):
+    """The supported way: limit_train_batches x max_epochs rollout steps; global_step is larger
+    (2 rollout steps x 2 epochs x 2 mini-batches x actor and critic)."""
+    import lightning as L
+
+    from lightning_rlhf.data import RLHFDataModule
+    from lightning_rlhf.stages import PPOModule
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "review number {i}"}}\n' for i in range(8)))
+    t = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, max_epochs=1, limit_train_batches=2)  # fmt: skip
+    m = PPOModule(policy=str(tiny_model_dir), reward_functions=["lightning_rlhf.demo.rewards.gold_reward"],
+                  generation={"max_new_tokens": 2}, ppo_epochs=2, mini_batch_size=2, critic_init="policy",
+                  log_samples_every_n_steps=0)  # fmt: skip
+    t.fit(m, RLHFDataModule(str(prompts), batch_size=4))
+    assert m.rollout_step == 2
+    assert t.global_step == 2 * 2 * 2 * 2
