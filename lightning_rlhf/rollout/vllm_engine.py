@@ -25,48 +25,11 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lightning_rlhf.rollout.generate import Rollout, left_pad
-
-
-@dataclass
-class VLLMSpec:
-    """Options of the colocated vLLM engine (``generation.vllm``)."""
-
-    dtype: str = "auto"
-    """Engine weights' dtype: ``auto`` (the policy's), ``float32``, ``bfloat16`` or ``float16``. Use
-    ``float32`` for log-probs that match the trainer's to ~1e-5; bf16 is faster and differs by ~0.04
-    nats per token (see TIS, ``tis_cap``)."""
-    gpu_memory_utilization: float = 0.3
-    """Share of the GPU memory vLLM may take (weights + KV cache); the rest stays with training."""
-    max_model_len: int | None = None
-    """Longest prompt + response the engine serves (None: the model's ``max_position_embeddings``)."""
-    enforce_eager: bool = True
-    """No CUDA graphs / compilation (faster start; set False on a GPU for long runs)."""
-    kv_cache_space_gb: int = 1
-    """KV-cache size on the CPU backend, whole GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
-    enable_sleep_mode: bool = False
-    """GPU only: put the engine to sleep after each rollout (``llm.sleep(level=1)``: weights to host
-    memory, KV cache freed) and wake it for the next, so that training gets the memory back. Ignored
-    (with a warning from vLLM) on the CPU."""
-    sync_every: int = 1
-    """Push the policy's weights into the engine after every N policy optimiser steps (1: the engine
-    always samples from the current policy; N > 1: off-policy by up to N - 1 steps)."""
-    enable_prefix_caching: bool = True
-    """Share the KV cache of a prompt among its ``num_samples`` rows (reset after each sync)."""
-
-    def __post_init__(self) -> None:
-        if self.sync_every < 1:
-            raise ValueError(f"generation.vllm.sync_every must be >= 1, got {self.sync_every}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"generation.vllm.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
-            )
-
+from lightning_rlhf.rollout.generate import Rollout, VLLMSpec, left_pad
 
 # ------------------------------------------------------------------------------------ host state
 
