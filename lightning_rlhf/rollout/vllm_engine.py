@@ -12,9 +12,10 @@ vLLM changes the host process when it starts; :func:`host_state_kept` restores w
 - the global RNGs (torch CPU/CUDA, ``random``, numpy) are restored after every engine call;
 - ``torch.set_num_threads`` is patched into a no-op by vLLM's CPU backend: the thread count is
   restored through ``torch._C.set_num_threads``;
-- ``torch.distributed`` gets initialised (gloo, world size 1) when no process group exists. That is
-  left as is (the engine needs it); a Lightning DDP/FSDP group created *before* the engine (the
-  Trainer sets up its strategy before the first training step) is used by vLLM as is.
+- ``torch.distributed`` gets initialised (gloo, world size 1) when no process group exists; the
+  engine destroys it again in :meth:`VLLMEngine.close` (called at the end of fit). A group that
+  existed before (Lightning's DDP/FSDP one) is not touched, but vLLM then joins it as is: untested
+  with world size > 1, see the README.
 """
 
 from __future__ import annotations
@@ -156,6 +157,11 @@ class VLLMEngine:
         cfg["torch_dtype"] = dtype
         type(config).from_dict(cfg).save_pretrained(self._folder.name)
         max_len = spec.max_model_len or getattr(config, "max_position_embeddings", None)
+        # vLLM initialises torch.distributed (gloo, world size 1) when no group exists: then it is
+        # ours to destroy in close(); a group that existed before (Lightning's) is left alone
+        self._owns_process_group = not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        )
         with host_state_kept():
             from vllm import LLM
 
@@ -179,6 +185,22 @@ class VLLMEngine:
         self.sleeping = False
         self.synced_version: int | None = None  # policy version whose weights the engine holds
         self.last_sync_s = 0.0
+
+    def close(self) -> None:
+        """Shut the engine down and release its memory (KV cache, weights)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            import gc
+
+            gc.collect()
+            if self._owns_process_group:  # undo vLLM's process group and its parallel state
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
+        self._folder.cleanup()
 
     # ------------------------------------------------------------------------- sleep / wake
 

@@ -556,6 +556,16 @@ class OnlineRLModule(StageModule):
             engine.sync_weights(self.policy, version=self._policy_version)
         return True
 
+    def close_engine(self) -> None:
+        """Shut the vllm engine down (at the end of fit; the next rollout builds a new one)."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        self.close_engine()
+
     def engine_correction(
         self, mb: Rollout, old_logprobs: torch.Tensor
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:

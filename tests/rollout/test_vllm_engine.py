@@ -93,7 +93,11 @@ SPEC = VLLMSpec(dtype="float32", max_model_len=64, kv_cache_space_gb=1)
 @pytest.fixture(scope="module")
 def engines():
     """One engine per architecture (tied / untied LM head), shared by the module's tests."""
-    return {tied: VLLMEngine(tiny_llama(tied), SPEC, seed=0) for tied in (False, True)}
+    engines = {tied: VLLMEngine(tiny_llama(tied), SPEC, seed=0) for tied in (False, True)}
+    yield engines
+    for engine in engines.values():
+        engine.close()
+    assert not torch.distributed.is_initialized()  # vLLM's process group is gone with the engines
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -208,3 +212,15 @@ def test_small_head_dim_is_refused_with_a_clear_message():
     model.config.num_attention_heads, model.config.head_dim = 4, 16
     with pytest.raises(ValueError, match="head_dim >= 32"):
         VLLMEngine(model, SPEC)
+
+
+def test_an_engine_can_be_closed_and_built_again():
+    """close() undoes vLLM's process group and parallel state, so a new engine starts cleanly."""
+    model = tiny_llama(False)
+    for _ in range(2):
+        engine = VLLMEngine(model, SPEC)
+        engine.sync_weights(model)
+        assert torch.distributed.is_initialized()
+        assert same_rows(greedy(engine), greedy(model))
+        engine.close()
+        assert not torch.distributed.is_initialized()
