@@ -262,13 +262,12 @@ def sample_next(
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
-        logprobs = logits.log_softmax(-1)
     else:
         logits = logits / temperature
-        logprobs = logits.log_softmax(-1)
-        probs = filter_logits(logits, top_k, top_p).softmax(-1)
+        probs = filter_logits(logits, top_k, top_p).softmax(-1)  # the one (N, V) softmax
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    # log-prob of the sampled token only: a logsumexp reduction, no (N, V) log-softmax written
+    return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -300,6 +299,7 @@ def generate(
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    stop_check_every: int | None = None,
 ) -> Rollout:
     """Sample `num_samples` responses per prompt with the model's KV cache.
 
@@ -317,6 +317,11 @@ def generate(
         eos_token_id: one id or a list; a row stops after emitting one (the EOS is kept, masked 1).
         pad_token_id: filler for prompt left-padding and for response tokens after a row stops.
         generator: random generator on the model's device, for reproducible sampling.
+        stop_check_every: ask the device whether every row has stopped only every k tokens (the
+            loop's one host sync; None: 1 on the CPU, where it costs nothing, 8 on accelerators).
+            Steps run after the last row stopped are dropped and the generator is rewound to its
+            state after that row's step, so the result and the generator's next draws are the same
+            for every k.
 
     Returns:
         a `Rollout` with N = B * num_samples rows; its tensors are constants (no autograd graph).
@@ -327,6 +332,8 @@ def generate(
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if num_samples < 1:
         raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+    if stop_check_every is not None and stop_check_every < 1:
+        raise ValueError(f"generate: stop_check_every must be >= 1, got {stop_check_every}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in [0, 1], got {top_p}")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
@@ -339,6 +346,7 @@ def generate(
         raise ValueError(f"generate: prompts at batch rows {empty} have no tokens (attention_mask all 0)")
 
     device = input_ids.device
+    check_every = stop_check_every or (1 if device.type == "cpu" else 8)
     eos = torch.as_tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device
     )
@@ -358,6 +366,12 @@ def generate(
     alive = torch.ones(n, dtype=torch.bool, device=device)  # (N,) still generating
     finished = torch.zeros(n, dtype=torch.bool, device=device)  # (N,) emitted EOS
     next_pos = prompt_mask.sum(-1, keepdim=True)  # (N, 1) position of the next token = real tokens so far
+    # generator state after each step, to rewind the steps run after the last row stopped (k > 1)
+    states = [] if check_every > 1 and generator is not None else None
+
+    def all_finished(alive: torch.Tensor) -> bool:
+        """Whether every row has stopped: the loop's single host sync (every `check_every` steps)."""
+        return not bool(alive.any())
 
     with eval_mode(model):
         logits, cache = _last_logits_and_cache(
@@ -379,7 +393,9 @@ def generate(
             finished |= is_eos
             mask[:, p + t] = alive.long()  # the token just sampled is real for the rows that sampled it
             alive = alive & ~is_eos
-            if t == max_new_tokens - 1 or not bool(alive.any()):
+            if states is not None:
+                states.append(generator.get_state())
+            if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and all_finished(alive)):
                 break
             logits, cache = _last_logits_and_cache(
                 model(
@@ -392,11 +408,17 @@ def generate(
             )
             next_pos = next_pos + 1
 
+    response_mask = torch.stack(response_mask, 1)  # (N, steps run)
+    if check_every > 1:  # drop the steps after the one where the last row stopped (all-pad columns)
+        steps = int(response_mask.any(0).nonzero().max()) + 1  # column 0 is always real
+        tokens, logprobs, response_mask = tokens[:steps], logprobs[:steps], response_mask[:, :steps]
+        if states is not None and len(states) > steps:
+            generator.set_state(states[steps - 1])
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=torch.stack(tokens, 1),  # (N, R)
-        response_mask=torch.stack(response_mask, 1).long(),  # (N, R)
+        response_mask=response_mask.long(),  # (N, R)
         logprobs=torch.stack(logprobs, 1),  # (N, R) fp32
         finished=finished,
         prompt_index=prompt_index,
