@@ -137,3 +137,19 @@ def test_ppo_refuses_engine_logprobs_as_old_logprobs(policy_dir):
             generation=GenerationSpec(engine="vllm"),
             recompute_logprobs=False,
         )
+
+
+def test_the_vllm_demo_config_parses(repo_root, policy_dir):
+    from lightning_rlhf.cli import cli_main
+
+    cli = cli_main(
+        [
+            "--config", str(repo_root / "configs" / "demo" / "grpo_sentiment_vllm.yaml"),
+            "--model.init_args.policy.path", str(policy_dir),
+            "--trainer.logger", "false",
+        ],
+        run=False,
+    )  # fmt: skip
+    gen = cli.model.generation
+    assert isinstance(cli.model, GRPOModule) and gen.engine == "vllm" and isinstance(gen.vllm, VLLMSpec)
+    assert gen.vllm.dtype == "float32" and cli.model.tis_cap == 2.0
