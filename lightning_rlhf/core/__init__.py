@@ -21,6 +21,7 @@ from lightning_rlhf.core.losses import (
     ppo_policy_loss,
     reward_loss,
     sft_loss,
+    truncated_importance_weights,
     value_loss,
 )
 from lightning_rlhf.core.ops import (
@@ -42,6 +43,7 @@ __all__ = [
     "group_advantages",
     "kl_penalty",
     "token_rewards",
+    "truncated_importance_weights",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",

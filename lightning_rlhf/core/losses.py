@@ -280,6 +280,7 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token_mean",
     max_len: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), per token, then aggregated.
 
@@ -293,6 +294,8 @@ def ppo_policy_loss(
     - ``agg``: ``"token_mean"`` (DAPO), ``"seq_mean_token_mean"`` (GRPO), ``"seq_mean_token_sum"``
       (Dr. GRPO; normaliser ``B * max_len``, ``max_len`` defaulting to ``T``); see the module
       docstring.
+    - ``token_weights``: constant per-token factors of the surrogate before aggregation, e.g. the
+      truncated importance weights of :func:`truncated_importance_weights` (None: all 1).
 
     Args:
         logprobs: ``(B, T)`` log-probs under the current policy (gradients flow).
@@ -332,6 +335,12 @@ def ppo_policy_loss(
         pg3 = -adv * dual_clip
         dual_active = (adv < 0) & (pg3 < pg)
         pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+    if token_weights is not None:
+        if token_weights.shape != pg.shape:
+            raise ValueError(
+                f"ppo_policy_loss: token_weights {tuple(token_weights.shape)} must match logprobs {tuple(pg.shape)}"
+            )
+        pg = pg * token_weights.detach().to(pg.dtype)
     loss = aggregate_loss(_zeros_where(m, pg), m, agg, max_len)
     with torch.no_grad():
         stats = {
@@ -396,3 +405,53 @@ def value_loss(
     loss = aggregate_loss(_zeros_where(m, per_token), m, agg, max_len)
     stats = {"clipfrac": clipfrac.detach(), "value_mean": masked_mean(values.detach(), m)}
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Engine-vs-trainer mismatch
+# --------------------------------------------------------------------------------------------
+
+
+def truncated_importance_weights(
+    trainer_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, cap: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance sampling (TIS) weights of the tokens a rollout engine sampled.
+
+    The engine (e.g. vLLM in bf16) samples token ``y_t`` from ``q``; the trainer's own forward
+    gives ``pi_old(y_t)`` for the same weights. The policy gradient is an expectation under
+    ``pi_old``, so each token is reweighted by ``min(pi_old / q, cap) = min(exp(trainer - engine),
+    cap)`` (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+    training"); truncation at ``cap`` bounds the variance. The weights are constants (no gradient).
+
+    Args:
+        trainer_logprobs: ``(B, T)`` log-probs of the sampled tokens under the trainer's forward of the
+            rollout policy.
+        engine_logprobs: ``(B, T)`` the engine's log-probs of the same tokens.
+        mask: ``(B, T)`` response mask.
+        cap: truncation (> 0), e.g. 2.0.
+
+    Returns:
+        ``(weights (B, T), stats)``: weights are 0 off the mask; stats (detached scalars over real
+        tokens): ``tis_weight_mean``, ``tis_clip_frac`` (share of tokens at the cap),
+        ``logprob_diff_mean`` (mean ``|trainer - engine|``) and ``logprob_diff_max``.
+    """
+    if cap <= 0:
+        raise ValueError(f"truncated_importance_weights: cap must be > 0, got {cap}")
+    if trainer_logprobs.shape != engine_logprobs.shape or trainer_logprobs.shape != mask.shape:
+        raise ValueError(
+            f"truncated_importance_weights: trainer_logprobs {tuple(trainer_logprobs.shape)}, engine_logprobs "
+            f"{tuple(engine_logprobs.shape)}, mask {tuple(mask.shape)} must match"
+        )
+    with torch.no_grad():
+        m = _bool_mask(trainer_logprobs, mask)
+        diff = _zeros_where(m, trainer_logprobs.float() - engine_logprobs.float())  # (B, T)
+        raw = torch.exp(diff)
+        weights = _zeros_where(m, raw.clamp(max=cap))
+        abs_diff = diff.abs()
+        stats = {
+            "tis_weight_mean": masked_mean(weights, m),
+            "tis_clip_frac": masked_mean((raw > cap).float(), m),
+            "logprob_diff_mean": masked_mean(abs_diff, m),
+            "logprob_diff_max": abs_diff.max() if m.any() else abs_diff.new_zeros(()),
+        }
+    return weights, stats

@@ -1,8 +1,10 @@
-"""Rollout: batched sampling with a KV cache (`generate` -> `Rollout`) and reward scorers."""
+"""Rollout: batched sampling with a KV cache (`generate` -> `Rollout`), the colocated vLLM engine
+(`vllm_engine.VLLMEngine`, imported lazily: vLLM is an optional extra) and reward scorers."""
 
 from lightning_rlhf.rollout.generate import (
     GenerationSpec,
     Rollout,
+    VLLMSpec,
     eval_mode,
     filter_logits,
     generate,
@@ -25,6 +27,7 @@ __all__ = [
     "RewardModelScorer",
     "Rollout",
     "Scorer",
+    "VLLMSpec",
     "eval_mode",
     "filter_logits",
     "generate",

@@ -16,10 +16,46 @@ import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 
 from lightning_rlhf.models.forward import default_position_ids, sequence_logprobs
+
+
+@dataclass
+class VLLMSpec:
+    """Options of the colocated vLLM engine (``generation.vllm``)."""
+
+    dtype: str = "auto"
+    """Engine weights' dtype: ``auto`` (the policy's), ``float32``, ``bfloat16`` or ``float16``. Use
+    ``float32`` for log-probs that match the trainer's to ~1e-5; bf16 is faster and differs by ~0.04
+    nats per token (see TIS, ``tis_cap``)."""
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU memory vLLM may take (weights + KV cache); the rest stays with training."""
+    max_model_len: int | None = None
+    """Longest prompt + response the engine serves (None: the model's ``max_position_embeddings``)."""
+    enforce_eager: bool = True
+    """No CUDA graphs / compilation (faster start; set False on a GPU for long runs)."""
+    kv_cache_space_gb: int = 1
+    """KV-cache size on the CPU backend, whole GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
+    enable_sleep_mode: bool = False
+    """GPU only: put the engine to sleep after each rollout (``llm.sleep(level=1)``: weights to host
+    memory, KV cache freed) and wake it for the next, so that training gets the memory back. Ignored
+    on the CPU (vLLM has no sleep mode there)."""
+    sync_every: int = 1
+    """Push the policy's weights into the engine after every N policy optimiser steps (1: the engine
+    always samples from the current policy; N > 1: off-policy by up to N - 1 steps)."""
+    enable_prefix_caching: bool = True
+    """Share the KV cache of a prompt among its ``num_samples`` rows (reset after each sync)."""
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1:
+            raise ValueError(f"generation.vllm.sync_every must be >= 1, got {self.sync_every}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"generation.vllm.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
 
 
 @dataclass
@@ -36,6 +72,20 @@ class GenerationSpec:
     """Nucleus sampling mass (1.0: off)."""
     num_samples: int = 1
     """Responses per prompt (rows of one prompt are consecutive; GRPO's group size)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Who samples in the online stages: ``hf`` (this module's own KV-cache sampler, no extra
+    dependency) or ``vllm`` (a ``vllm.LLM`` colocated in the training process, synced with the policy;
+    needs the ``vllm`` extra). Evaluation always uses ``hf``."""
+    vllm: VLLMSpec | None = None
+    """Options of the ``vllm`` engine (None: the defaults)."""
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"generation.engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.vllm is None:
+            self.vllm = VLLMSpec()
+        elif isinstance(self.vllm, dict):
+            self.vllm = VLLMSpec(**self.vllm)
 
 
 @dataclass
@@ -50,7 +100,9 @@ class Rollout:
     prompt_mask: torch.Tensor  # (N, P) long, 1 for real prompt tokens
     response_ids: torch.Tensor  # (N, R) long, right-padded with pad_token_id, R = longest response
     response_mask: torch.Tensor  # (N, R) long, 1 for generated tokens incl. the EOS
-    logprobs: torch.Tensor  # (N, R) fp32, log-prob of each sampled token under softmax(logits / T); 0 off mask
+    logprobs: (
+        torch.Tensor
+    )  # (N, R) fp32, log-prob of each sampled token under softmax(logits / T); 0 off mask
     finished: torch.Tensor  # (N,) bool, the row emitted EOS (False = cut at max_new_tokens)
     prompt_index: torch.Tensor  # (N,) long, row of the prompt batch each row was sampled from
 
@@ -210,13 +262,12 @@ def sample_next(
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
-        logprobs = logits.log_softmax(-1)
     else:
         logits = logits / temperature
-        logprobs = logits.log_softmax(-1)
-        probs = filter_logits(logits, top_k, top_p).softmax(-1)
+        probs = filter_logits(logits, top_k, top_p).softmax(-1)  # the one (N, V) softmax
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    # log-prob of the sampled token only: a logsumexp reduction, no (N, V) log-softmax written
+    return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -248,6 +299,7 @@ def generate(
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    stop_check_every: int | None = None,
     sync_stop: bool = False,
 ) -> Rollout:
     """Sample `num_samples` responses per prompt with the model's KV cache.
@@ -266,8 +318,13 @@ def generate(
         eos_token_id: one id or a list; a row stops after emitting one (the EOS is kept, masked 1).
         pad_token_id: filler for prompt left-padding and for response tokens after a row stops.
         generator: random generator on the model's device, for reproducible sampling.
+        stop_check_every: ask the device whether every row has stopped only every k tokens (the
+            loop's one host sync; None: 1 on the CPU, where it costs nothing, 8 on accelerators).
+            Steps run after the last row stopped are dropped and the generator is rewound to its
+            state after that row's step, so the result and the generator's next draws are the same
+            for every k.
         sync_stop: under `torch.distributed`, stop only when every rank's rows have finished (a flag
-            all-reduced each step); a rank whose rows are done keeps running forwards on pad tokens,
+            all-reduced at each stop check); a rank whose rows are done keeps running forwards on pad tokens,
             so every rank runs the same number of forwards (FSDP2's all-gathers are collectives; as
             transformers' `synced_gpus`). The rows are the same as without; the response may have more
             all-pad columns (mask 0) at the end.
@@ -281,6 +338,8 @@ def generate(
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if num_samples < 1:
         raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+    if stop_check_every is not None and stop_check_every < 1:
+        raise ValueError(f"generate: stop_check_every must be >= 1, got {stop_check_every}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in [0, 1], got {top_p}")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
@@ -293,7 +352,10 @@ def generate(
         raise ValueError(f"generate: prompts at batch rows {empty} have no tokens (attention_mask all 0)")
 
     device = input_ids.device
-    eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    check_every = stop_check_every or (1 if device.type == "cpu" else 8)
+    eos = torch.as_tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device
+    )
     prompt_ids, prompt_mask = left_pad(input_ids, attention_mask, pad_token_id)  # (B, P)
     prompt_index = torch.arange(input_ids.shape[0], device=device).repeat_interleave(num_samples)  # (N,)
     prompt_ids, prompt_mask = prompt_ids[prompt_index], prompt_mask[prompt_index]  # (N, P)
@@ -310,6 +372,18 @@ def generate(
     alive = torch.ones(n, dtype=torch.bool, device=device)  # (N,) still generating
     finished = torch.zeros(n, dtype=torch.bool, device=device)  # (N,) emitted EOS
     next_pos = prompt_mask.sum(-1, keepdim=True)  # (N, 1) position of the next token = real tokens so far
+    # generator state after each step, to rewind the steps run after the last row stopped (k > 1)
+    states = [] if check_every > 1 and generator is not None else None
+
+    synced = sync_stop and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def all_finished(alive: torch.Tensor) -> bool:
+        """Whether every row has stopped: the loop's single host sync (every `check_every` steps);
+        with `sync_stop`, every row of every rank (a flag all-reduced, so all ranks stop together)."""
+        any_alive = alive.any().to(torch.int32)
+        if synced:
+            torch.distributed.all_reduce(any_alive, op=torch.distributed.ReduceOp.MAX)
+        return not bool(any_alive)
 
     with eval_mode(model):
         logits, cache = _last_logits_and_cache(
@@ -331,11 +405,9 @@ def generate(
             finished |= is_eos
             mask[:, p + t] = alive.long()  # the token just sampled is real for the rows that sampled it
             alive = alive & ~is_eos
-            any_alive = alive.any()
-            if sync_stop and torch.distributed.is_available() and torch.distributed.is_initialized():
-                any_alive = any_alive.to(torch.int32)
-                torch.distributed.all_reduce(any_alive, op=torch.distributed.ReduceOp.MAX)
-            if t == max_new_tokens - 1 or not bool(any_alive):
+            if states is not None:
+                states.append(generator.get_state())
+            if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and all_finished(alive)):
                 break
             logits, cache = _last_logits_and_cache(
                 model(
@@ -348,11 +420,17 @@ def generate(
             )
             next_pos = next_pos + 1
 
+    response_mask = torch.stack(response_mask, 1)  # (N, steps run)
+    if check_every > 1:  # drop the steps after the one where the last row stopped (all-pad columns)
+        steps = int(response_mask.any(0).nonzero().max()) + 1  # column 0 is always real
+        tokens, logprobs, response_mask = tokens[:steps], logprobs[:steps], response_mask[:, :steps]
+        if states is not None and len(states) > steps:
+            generator.set_state(states[steps - 1])
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=torch.stack(tokens, 1),  # (N, R)
-        response_mask=torch.stack(response_mask, 1).long(),  # (N, R)
+        response_mask=response_mask.long(),  # (N, R)
         logprobs=torch.stack(logprobs, 1),  # (N, R) fp32
         finished=finished,
         prompt_index=prompt_index,

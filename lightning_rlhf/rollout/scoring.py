@@ -91,11 +91,15 @@ def last_token_scores(
         captured: list[torch.Tensor] = []
         hook = head.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
         finally:
             hook.remove()
         per_token = captured[-1]  # (B, T, L)
-        per_token = per_token[torch.arange(batch, device=per_token.device), last.to(per_token.device)]  # (B, L)
+        per_token = per_token[
+            torch.arange(batch, device=per_token.device), last.to(per_token.device)
+        ]  # (B, L)
     if per_token.shape[-1] != 1:
         raise ValueError(f"last_token_scores: the reward model has {per_token.shape[-1]} labels, expected 1")
     return per_token[:, 0].float()
@@ -132,7 +136,10 @@ class RewardModelScorer:
             scores = torch.cat(
                 [
                     last_token_scores(
-                        self.model, input_ids[i : i + step], attention_mask[i : i + step], position_ids[i : i + step]
+                        self.model,
+                        input_ids[i : i + step],
+                        attention_mask[i : i + step],
+                        position_ids[i : i + step],
                     )
                     for i in range(0, n, step)
                 ]
@@ -168,7 +175,9 @@ def _to_values(name: str, out: Any, n: int) -> list[float | None]:
     if isinstance(out, torch.Tensor):
         out = out.detach().flatten().tolist()
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
-        raise ValueError(f"reward function {name!r} returned {type(out).__name__}; expected a list of {n} floats")
+        raise ValueError(
+            f"reward function {name!r} returned {type(out).__name__}; expected a list of {n} floats"
+        )
     if len(out) != n:
         raise ValueError(f"reward function {name!r} returned {len(out)} values for {n} completions")
     values = []
@@ -212,7 +221,9 @@ class RewardFunctionScorer:
         names = [_function_name(fn) for fn in self.functions]
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
-    def __call__(self, rollout: Rollout, prompts: list, completions: list[str], extra: list[dict]) -> ScoreOutput:
+    def __call__(
+        self, rollout: Rollout, prompts: list, completions: list[str], extra: list[dict]
+    ) -> ScoreOutput:
         n = _check_rows("RewardFunctionScorer", rollout, prompts, completions, extra)
         keys = list(dict.fromkeys(k for row in extra for k in row if k not in ("prompts", "completions")))
         columns = {k: [row.get(k) for row in extra] for k in keys}
@@ -248,7 +259,9 @@ class CompositeScorer:
         self.scorers = list(scorers)
         self.weights = [float(w) for w in weights]
 
-    def __call__(self, rollout: Rollout, prompts: list, completions: list[str], extra: list[dict]) -> ScoreOutput:
+    def __call__(
+        self, rollout: Rollout, prompts: list, completions: list[str], extra: list[dict]
+    ) -> ScoreOutput:
         _check_rows("CompositeScorer", rollout, prompts, completions, extra)
         total, parts = None, {}
         for i, (scorer, weight) in enumerate(zip(self.scorers, self.weights, strict=True)):

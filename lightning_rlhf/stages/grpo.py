@@ -87,7 +87,9 @@ class GRPOModule(OnlineRLModule):
         kl_estimator: per-token KL estimator; ``k3`` as in GRPO (unbiased, non-negative).
         entropy_coef: weight of an entropy bonus in the loss (0: off; entropy is logged either way).
         recompute_logprobs: when old log-probs are needed (see above), recompute them with a no-grad
-            forward after sampling (True) or use those recorded while sampling (False).
+            forward after sampling (True) or use those recorded while sampling (False; ignored with
+            ``generation.engine: vllm``, whose log-probs are never the ratio's denominator: they
+            only enter through TIS, ``tis_cap``).
         dynamic_sampling: drop zero-variance groups and refill the batch (DAPO; see above).
         max_resample_rounds: most extra sampling rounds per step with ``dynamic_sampling``.
         generation: sampling settings of the rollout; its ``num_samples`` is ``num_generations``.
@@ -245,7 +247,7 @@ class GRPOModule(OnlineRLModule):
         one_step = self.mini_batch_size is None or self.mini_batch_size >= rows
         if self.num_iterations == 1 and one_step:
             return None
-        if self.recompute_logprobs:
+        if self.recompute_logprobs or self.generation.engine != "hf":  # never the vllm engine's
             return self.policy_logprobs(rollout)
         return rollout.logprobs.masked_fill(rollout.response_mask == 0, 0.0)
 
@@ -284,6 +286,7 @@ class GRPOModule(OnlineRLModule):
         )
         mask = mb.response_mask
         old = logprobs.detach() if old_logprobs is None else old_logprobs
+        tis, engine_stats = self.engine_correction(mb, old)  # engine-vs-trainer mismatch (TIS weights)
         max_len = self.generation.max_new_tokens  # constant normaliser of seq_mean_token_sum
         pg_loss, pg = ppo_policy_loss(
             logprobs,
@@ -295,9 +298,11 @@ class GRPOModule(OnlineRLModule):
             dual_clip=self.dual_clip,
             agg=self.loss_agg,
             max_len=max_len,
+            token_weights=tis,
         )
         loss = pg_loss
         stats = {
+            **engine_stats,
             "train/policy_loss": pg_loss.detach(),
             "train/clipfrac": pg["clipfrac"],
             "train/approx_kl": pg["approx_kl"],

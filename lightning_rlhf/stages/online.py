@@ -39,7 +39,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..core import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean, token_rewards
+from ..core import (
+    AdaptiveKLController,
+    FixedKLController,
+    kl_penalty,
+    masked_mean,
+    token_rewards,
+    truncated_importance_weights,
+)
 from ..models import ModelSpec, as_spec, freeze, load_causal_lm, load_sequence_classifier
 from ..models.distributed import all_reduce, fsdp_gradient_sync, gathered_once, is_sharded, world_size
 from ..rollout import (
@@ -167,7 +174,14 @@ class OnlineRLModule(StageModule):
         reference: the frozen reference model of the KL penalty. Default: the policy's folder loaded
             again, or with a LoRA policy the policy itself with its adapter disabled (no copy).
         tokenizer: tokenizer folder; default ``policy.path``.
-        generation: sampling settings of the rollout.
+        generation: sampling settings of the rollout, including the engine (``engine: hf | vllm``)
+            and the vLLM engine's options (``generation.vllm``: dtype, memory, ``sync_every``...).
+            With ``vllm``, the engine is built on the first rollout and gets the policy's weights
+            before it and after every ``sync_every`` policy optimiser steps (``time/weight_sync``).
+        tis_cap: truncated importance sampling of the engine-vs-trainer mismatch: each token's
+            policy-gradient term is multiplied by ``min(exp(old_trainer - engine), tis_cap)``
+            (``core.truncated_importance_weights``; e.g. 2.0). None: off. The mismatch
+            (``rollout/logprob_diff_mean`` / ``_max``) is logged with ``engine: vllm`` either way.
         kl_coef: KL penalty coefficient (the initial one when ``kl_target`` is set, then > 0). 0
             (no ``kl_target``): no reference model is loaded at all.
         kl_estimator: per-token KL estimator of ``core.kl_penalty``: ``k1`` (log-ratio, the
@@ -227,6 +241,7 @@ class OnlineRLModule(StageModule):
         save_every_n_steps: int | None = None,
         output_dir: str | None = None,
         merge_lora: bool = True,
+        tis_cap: float | None = None,
     ):
         policy = as_spec(policy)
         super().__init__(tokenizer or policy.path, output_dir, merge_lora)
@@ -249,7 +264,10 @@ class OnlineRLModule(StageModule):
                 f"generation.temperature must be > 0 for RL (got {generation.temperature}): the training "
                 "forward scores the samples under softmax(logits / temperature)"
             )
+        if tis_cap is not None and tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0 (or None: off), got {tis_cap}")
         self.automatic_optimization = False
+        self.tis_cap = tis_cap
         self.policy_spec = policy
         self.reward_spec = as_spec(reward_model) if reward_model is not None else None
         self.reference_spec = as_spec(reference) if reference is not None else None
@@ -283,6 +301,8 @@ class OnlineRLModule(StageModule):
         self._frozen: dict[str, nn.Module] = {}  # reference / reward: plain dict, so not registered
         self.scorer = None
         self.diagnostic_scorer = None
+        self._engine = None  # the vllm engine (generation.engine == "vllm"), built on first use
+        self._policy_version = 0  # policy optimiser steps so far (when to sync the engine)
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
         self._schedulers: list = []
@@ -400,6 +420,8 @@ class OnlineRLModule(StageModule):
             self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if optimizer is self.optimizer_list()[0]:  # the actor's (first) optimiser: the policy moved
+            self._policy_version += 1
 
     def minibatches(self, n: int, mini_batch_size: int | None) -> list[torch.Tensor]:
         """A shuffled partition of ``range(n)`` into index tensors of ``mini_batch_size`` (the last
@@ -567,23 +589,87 @@ class OnlineRLModule(StageModule):
     at the cost of one full copy of the policy per rank during sampling. False: per-token gathers."""
 
     def generate(self, batch: dict) -> Rollout:
-        """Sample responses to the prompt batch from the policy (eval mode, KV cache, no grad)."""
+        """Sample responses to the prompt batch from the policy with ``generation.engine``: ``hf``
+        (our sampler: eval mode, KV cache, no grad) or ``vllm`` (the colocated engine, synced first
+        when the policy moved ``sync_every`` optimiser steps since its last sync)."""
         g = self.generation
-        with gathered_once(self.policy, self.rollout_gathered_once):  # FSDP2: gather once per rollout
-            return sample_rollout(
-                self.policy,
-                batch["input_ids"],
-                batch["attention_mask"],
-                max_new_tokens=g.max_new_tokens,
-                temperature=g.temperature,
-                top_k=g.top_k,
-                top_p=g.top_p,
-                num_samples=g.num_samples,
-                eos_token_id=self.eos_token_ids(),
-                pad_token_id=self.tokenizer.pad_token_id,
-                generator=self.generator,
-                sync_stop=world_size() > 1,
-            )
+        kwargs = dict(
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            num_samples=g.num_samples,
+            eos_token_id=self.eos_token_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            generator=self.generator,
+        )
+        if g.engine == "hf":
+            with gathered_once(self.policy, self.rollout_gathered_once):  # FSDP2: gather once per rollout
+                return sample_rollout(
+                    self.policy, batch["input_ids"], batch["attention_mask"], sync_stop=world_size() > 1, **kwargs
+                )
+        engine = self.rollout_engine()
+        self.sync_engine()
+        return engine.generate(batch["input_ids"], batch["attention_mask"], **kwargs)
+
+    def rollout_engine(self):
+        """The colocated ``VLLMEngine`` (``generation.engine == "vllm"``), built on first use."""
+        if self._engine is None:
+            from ..rollout.vllm_engine import VLLMEngine
+
+            with self.timed("engine_start"):
+                self._engine = VLLMEngine(
+                    self.policy, self.generation.vllm, seed=self.seed + self.global_rank
+                )
+        return self._engine
+
+    def sync_engine(self, force: bool = False) -> bool:
+        """Push the policy's weights into the engine if it never got them or the policy made
+        ``generation.vllm.sync_every`` optimiser steps since (or ``force``). Returns whether it synced;
+        the time goes to ``time/weight_sync``. Under FSDP2 every rank must call it (each gathers
+        the full weights parameter by parameter)."""
+        engine = self.rollout_engine()
+        behind = None if engine.synced_version is None else self._policy_version - engine.synced_version
+        if not force and behind is not None and behind < self.generation.vllm.sync_every:
+            return False
+        with self.timed("weight_sync"):
+            engine.sync_weights(self.policy, version=self._policy_version)
+        return True
+
+    def close_engine(self) -> None:
+        """Shut the vllm engine down (at the end of fit; the next rollout builds a new one)."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        self.close_engine()
+
+    def engine_correction(
+        self, mb: Rollout, old_logprobs: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The TIS weights of a micro-batch (None with ``tis_cap`` off) and the engine-vs-trainer
+        statistics (``rollout/logprob_diff_mean`` / ``_max``, ``rollout/tis_weight_mean`` /
+        ``rollout/tis_clip_frac``; logged as their mean over micro-batches; none with the ``hf``
+        engine and TIS off).
+
+        ``old_logprobs``: ``(n, R)`` the trainer's log-probs of the rollout policy; the engine's are
+        ``mb.logprobs``."""
+        if self.tis_cap is None and self.generation.engine == "hf":
+            return None, {}
+        weights, stats = truncated_importance_weights(
+            old_logprobs, mb.logprobs, mb.response_mask, self.tis_cap or 1.0
+        )
+        out = {
+            "rollout/logprob_diff_mean": stats["logprob_diff_mean"],
+            "rollout/logprob_diff_max": stats["logprob_diff_max"],
+        }
+        if self.tis_cap is None:
+            return None, out
+        out["rollout/tis_weight_mean"] = stats["tis_weight_mean"]
+        out["rollout/tis_clip_frac"] = stats["tis_clip_frac"]
+        return weights, out
 
     def score(self, rollout: Rollout, batch: dict) -> Scores:
         """Score each row with the reward sources, compute the diagnostics, and shape the scores."""

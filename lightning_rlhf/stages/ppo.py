@@ -80,7 +80,7 @@ class PPOModule(OnlineRLModule):
             (cleanrl's ``target_kl``; None: off).
         recompute_logprobs: recompute the old log-probs with a training-style forward after
             generation (exact ratio 1 at the first mini-batch, whatever the KV-cache numerics);
-            False: use the log-probs recorded while sampling.
+            False: use the log-probs recorded while sampling (``hf`` engine only).
         **kwargs: the options of ``OnlineRLModule`` (reward model/functions, reference, generation,
             KL, reward shaping, ``optim`` for the actor, logging, export).
     """
@@ -108,6 +108,12 @@ class PPOModule(OnlineRLModule):
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
+        if not recompute_logprobs and self.generation.engine != "hf":
+            raise ValueError(
+                "PPOModule: recompute_logprobs=False takes the old log-probs from the sampler, but with "
+                f"generation.engine={self.generation.engine!r} they are the engine's, not the trainer's; keep "
+                "recompute_logprobs=True (and use tis_cap to correct the mismatch)"
+            )
         for name, size in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
             if size is not None and size < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {size}")
@@ -240,6 +246,7 @@ class PPOModule(OnlineRLModule):
         micro-batch (all ``(n, R)`` tensors aligned with ``mb``'s responses)."""
         logprobs, entropy, values = self.actor_critic_forward(mb)
         mask = mb.response_mask
+        tis, engine_stats = self.engine_correction(mb, old_logprobs)  # engine-vs-trainer mismatch
         max_len = self.generation.max_new_tokens  # constant normaliser for seq_mean_token_sum
         pg_loss, pg = ppo_policy_loss(
             logprobs,
@@ -249,6 +256,7 @@ class PPOModule(OnlineRLModule):
             clip_eps=self.clip_eps,
             agg=self.loss_agg,
             max_len=max_len,
+            token_weights=tis,
         )
         vf_loss, vf = value_loss(
             values,
@@ -262,6 +270,7 @@ class PPOModule(OnlineRLModule):
         mean_entropy = masked_mean(entropy, mask)
         loss = pg_loss + self.vf_coef * vf_loss - self.entropy_coef * mean_entropy
         stats = {
+            **engine_stats,
             "train/loss": loss.detach(),
             "train/policy_loss": pg_loss.detach(),
             "train/value_loss": vf_loss.detach(),

