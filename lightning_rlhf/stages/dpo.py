@@ -106,12 +106,21 @@ class DPOModule(OfflineStageModule):
         )
         self.precompute_ref_logps = precompute_ref_logps
         self.policy: torch.nn.Module | None = None
-        self.reference: torch.nn.Module | None = None
+        # The frozen reference is kept in a plain dict, not registered as a submodule (as the online
+        # stages do): it stays out of state_dict, the optimiser and Lightning's "modules in eval mode
+        # at the start of training" check; ``place_frozen`` moves (and under *-true precision converts) it.
+        self._frozen: dict[str, torch.nn.Module] = {}
         # split -> (N, 2) fp32 summed reference log-probs of (chosen, rejected) by record index; NaN = missing
         self.ref_cache: dict[str, torch.Tensor] = {}
         self.save_hyperparameters()
 
     # --------------------------------------------------------------------------------- models
+
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        """The frozen reference model (None: LoRA's disabled adapter, a reference-free loss, or freed
+        after precomputing its log-probs)."""
+        return self._frozen.get("reference")
 
     @property
     def needs_reference(self) -> bool:
@@ -126,7 +135,7 @@ class DPOModule(OfflineStageModule):
             and not is_peft(self.policy)
             and not self.ref_cache
         ):
-            self.reference = load_causal_lm(self._reference_spec(), trainable=False)
+            self._frozen["reference"] = load_causal_lm(self._reference_spec(), trainable=False)
 
     def _reference_spec(self) -> ModelSpec:
         if self.reference_spec is not None:
@@ -136,18 +145,6 @@ class DPOModule(OfflineStageModule):
 
     def exported_model(self):
         return self.policy
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The reference is rebuilt from its folder: keep it out of checkpoints.
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference is not None:
-            state = checkpoint.setdefault("state_dict", {})
-            for key, value in self.reference.state_dict().items():
-                state.setdefault(f"reference.{key}", value)
 
     # ------------------------------------------------------------------------------- log-probs
 
@@ -182,8 +179,9 @@ class DPOModule(OfflineStageModule):
                 "DPOModule: no reference model (it was freed after precomputing) and no cached log-probs "
                 "for this batch"
             )
-        with eval_mode(self.reference):
-            return self.completion_logps(self.reference, batch)[0]
+        reference = self.place_frozen(self.reference)
+        with eval_mode(reference):
+            return self.completion_logps(reference, batch)[0]
 
     def _cached_reference_logps(self, batch: dict, split: str) -> torch.Tensor | None:
         cache = self.ref_cache.get(split)
@@ -220,7 +218,7 @@ class DPOModule(OfflineStageModule):
                 cache[i] = v
             self.ref_cache[split] = cache
         if free_reference and self.reference is not None:
-            self.reference = None
+            del self._frozen["reference"]
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

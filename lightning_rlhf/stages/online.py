@@ -344,11 +344,11 @@ class OnlineRLModule(StageModule):
 
     @contextlib.contextmanager
     def frozen_on_device(self, name: str) -> Iterator[nn.Module | None]:
-        """The frozen model ``name`` (``"reference"``/``"reward"``) on ``self.device`` for the block;
-        back on the CPU after it when ``offload_frozen``."""
+        """The frozen model ``name`` (``"reference"``/``"reward"``) on ``self.device`` (and in a
+        ``*-true`` precision's dtype) for the block; back on the CPU after it when ``offload_frozen``."""
         model = self._frozen.get(name)
         if model is not None:
-            model.to(self.device)
+            self.place_frozen(model)
         try:
             yield model
         finally:

@@ -308,7 +308,7 @@ class PPOModule(OnlineRLModule):
         ev = (
             1.0 - masked_var(returns - values, mask) / var_returns
             if var_returns > 0
-            else torch.tensor(float("nan"))
+            else torch.tensor(float("nan"), device=values.device)
         )
         return {
             "train/explained_variance": float(ev),
