@@ -382,11 +382,27 @@ class OnlineRLModule(StageModule):
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
     def clip_and_step(self, optimizer, max_grad_norm: float | None) -> None:
-        """Clip the gradients (through Lightning, so precision plugins unscale first), step, zero."""
+        """Clip the gradients to ``max_grad_norm`` (of the unscaled gradients), step, zero."""
         if max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+            clip = max_grad_norm * self._loss_scale()
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def _loss_scale(self) -> float:
+        """The GradScaler's current scale when the gradients are still scaled at clipping time, else 1.
+
+        Under a Trainer with ``16-mixed`` and manual optimisation, Lightning unscales the gradients
+        only inside ``optimizer.step()``, after ``clip_gradients`` (Lightning issue #18089), and a
+        second ``unscale_`` there would raise. Clipping the scaled gradients at ``max_grad_norm *
+        scale`` is the same clip as ``max_grad_norm`` on the unscaled ones (the norm scales
+        linearly); non-finite gradients stay non-finite, so the scaler still skips that step.
+        Fabric's ``clip_gradients`` unscales first by itself: 1 there.
+        """
+        if self._fabric is not None or self._trainer is None:
+            return 1.0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def minibatches(self, n: int, mini_batch_size: int | None) -> list[torch.Tensor]:
         """A shuffled partition of ``range(n)`` into index tensors of ``mini_batch_size`` (the last
