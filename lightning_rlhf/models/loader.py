@@ -207,6 +207,25 @@ def load_sequence_classifier(spec: ModelSpec | str | dict, *, trainable: bool = 
     return prepare(model, spec, "SEQ_CLS")
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability in ``model`` to 0, in place (LoRA's included), and return it.
+
+    RL and DPO compare log-probs of the same tokens across forwards (old vs new policy, policy vs
+    reference): dropout makes the first PPO ratio differ from 1 and DPO's log-ratios noisy, so TRL
+    turns it off (``disable_dropout_in_model``). Besides ``nn.Dropout`` modules this zeroes the float
+    rates that attention and decoder layers pass to the attention function or ``F.dropout``
+    (``attention_dropout``, OPT's ``dropout``, ...). The config is left as it is, so an exported
+    model keeps its own dropout for later fine-tuning.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(module, name, 0.0)
+    return model
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)

@@ -25,7 +25,7 @@ import torch
 
 from ..core.losses import dpo_loss, orpo_loss
 from ..core.ops import masked_sum
-from ..models import ModelSpec, as_spec, is_peft, load_causal_lm
+from ..models import ModelSpec, as_spec, disable_dropout, is_peft, load_causal_lm
 from ..models.forward import sequence_logprobs
 from ..rollout.generate import eval_mode
 from .common import OfflineStageModule, OptimSpec
@@ -63,6 +63,8 @@ class DPOModule(OfflineStageModule):
             summed for the others.
         precompute_ref_logps: compute the reference log-probs once over the train and val data at
             the start of fit, then free the reference, so training holds one model.
+        disable_dropout: set every dropout of the policy and reference to 0 (as TRL does), so that
+            the log-ratios are not dropout noise.
         output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA model merged into its base (else the adapter folder).
     """
@@ -82,6 +84,7 @@ class DPOModule(OfflineStageModule):
         rpo_alpha: float | None = None,
         length_normalise: bool | None = None,
         precompute_ref_logps: bool = False,
+        disable_dropout: bool = True,
         output_dir: str | None = None,
         merge_lora: bool = True,
     ):
@@ -105,6 +108,7 @@ class DPOModule(OfflineStageModule):
             loss_type in LENGTH_NORMALISED if length_normalise is None else length_normalise
         )
         self.precompute_ref_logps = precompute_ref_logps
+        self.disable_dropout = disable_dropout
         self.policy: torch.nn.Module | None = None
         # The frozen reference is kept in a plain dict, not registered as a submodule (as the online
         # stages do): it stays out of state_dict, the optimiser and Lightning's "modules in eval mode
@@ -127,15 +131,16 @@ class DPOModule(OfflineStageModule):
         return self.loss_type not in REFERENCE_FREE
 
     def configure_model(self) -> None:
+        no_dropout = disable_dropout if self.disable_dropout else (lambda m: m)
         if self.policy is None:
-            self.policy = load_causal_lm(self.policy_spec)
+            self.policy = no_dropout(load_causal_lm(self.policy_spec))
         if (
             self.reference is None
             and self.needs_reference
             and not is_peft(self.policy)
             and not self.ref_cache
         ):
-            self._frozen["reference"] = load_causal_lm(self._reference_spec(), trainable=False)
+            self._frozen["reference"] = no_dropout(load_causal_lm(self._reference_spec(), trainable=False))
 
     def _reference_spec(self) -> ModelSpec:
         if self.reference_spec is not None:

@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..core import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean, token_rewards
-from ..models import ModelSpec, as_spec, freeze, load_causal_lm, load_sequence_classifier
+from ..models import ModelSpec, as_spec, disable_dropout, freeze, load_causal_lm, load_sequence_classifier
 from ..rollout import (
     CompositeScorer,
     GenerationSpec,
@@ -184,6 +184,8 @@ class OnlineRLModule(StageModule):
             accelerator only for its forward (saves accelerator memory; costs transfers).
         seed: seed of the rollout's own ``torch.Generator`` (sampling and mini-batch shuffling; its
             state is checkpointed). Each rank adds its global rank.
+        disable_dropout: set every dropout of the policy, critic and reference to 0 (as TRL does), so
+            that the first ratio of each rollout is exactly 1 and the KL is not dropout noise.
         log_samples_every_n_steps: every N rollout steps, log a table of (prompt, response, reward)
             to W&B when the logger is a ``WandbLogger`` (0: never). The last samples are also kept in
             ``self.last_samples``.
@@ -217,6 +219,7 @@ class OnlineRLModule(StageModule):
         forward_batch_size: int | None = None,
         offload_frozen: bool = False,
         seed: int = 0,
+        disable_dropout: bool = True,
         log_samples_every_n_steps: int = 10,
         save_every_n_steps: int | None = None,
         output_dir: str | None = None,
@@ -263,6 +266,7 @@ class OnlineRLModule(StageModule):
         self.forward_batch_size = forward_batch_size
         self.offload_frozen = offload_frozen
         self.seed = seed
+        self.disable_dropout = disable_dropout
         self.log_samples_every_n_steps = log_samples_every_n_steps
         self.save_every_n_steps = save_every_n_steps
 
@@ -313,10 +317,10 @@ class OnlineRLModule(StageModule):
         if self.policy is None:
             # train mode (transformers loads in eval): Lightning keeps each module's mode, and gradient
             # checkpointing only acts in train mode; the rollout switches to eval mode itself
-            self.policy = self.shard(load_causal_lm(self.policy_spec).train())
+            self.policy = self.shard(self.no_dropout(load_causal_lm(self.policy_spec)).train())
         if self.uses_reference and not self.reference_is_adapter_off and "reference" not in self._frozen:
             spec = self.reference_spec or replace(self.policy_spec, lora=None, gradient_checkpointing=False)
-            self._frozen["reference"] = load_causal_lm(spec, trainable=False)
+            self._frozen["reference"] = self.no_dropout(load_causal_lm(spec, trainable=False))
         if self.reward_spec is not None and "reward" not in self._frozen:
             self._frozen["reward"] = load_sequence_classifier(self.reward_spec, trainable=False)
         if self.scorer is None:
@@ -337,6 +341,10 @@ class OnlineRLModule(StageModule):
 
     def exported_model(self) -> nn.Module:
         return self.policy
+
+    def no_dropout(self, model: nn.Module) -> nn.Module:
+        """``model`` with its dropout off when ``disable_dropout`` (the default), else as it is."""
+        return disable_dropout(model) if self.disable_dropout else model
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The policy's trainable parameters (what the actor optimiser holds)."""
