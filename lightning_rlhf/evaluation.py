@@ -93,8 +93,13 @@ def evaluate_policy(
     """
     sampling = sampling or SamplingSpec()
     gold_fns = _functions(gold)
-    gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
     device = next(policy.parameters()).device
+    # Everything follows the policy's device: the sampling generator (torch.multinomial needs it on
+    # the probabilities' device) and the frozen models scored against it.
+    gen = torch.Generator(device=device).manual_seed(sampling.seed)
+    for frozen in (reward_model, reference):
+        if frozen is not None:
+            frozen.to(device)
     loader = prompt_loader(prompt_files, tokenizer, batch_size=sampling.batch_size, max_prompts=max_prompts)
     scores: dict[str, list[float]] = {name: [] for name in gold_fns}
     proxy: list[float] = []

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .evaluation import SamplingSpec
@@ -149,6 +150,7 @@ def evaluate_models(spec: EvalSpec, output_dir: Path) -> dict:
     from .evaluation import evaluate_policy
     from .models import load_causal_lm, load_sequence_classifier, load_tokenizer
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # evaluate_policy moves the others
     ref_path = _model_path(spec.models.get(spec.reference, spec.reference), output_dir)
     reference = load_causal_lm(str(ref_path), trainable=False)
     reward_model = None
@@ -162,7 +164,7 @@ def evaluate_models(spec: EvalSpec, output_dir: Path) -> dict:
             print(f"[evaluate] skipping {name}: no model at {path}")
             continue
         print(f"[evaluate] {name} ({path})", flush=True)
-        policy = load_causal_lm(str(path), trainable=False)
+        policy = load_causal_lm(str(path), trainable=False).to(device)
         res = evaluate_policy(
             policy, tokenizer, spec.prompt_files, gold=spec.gold, reward_model=reward_model, reference=reference,
             sampling=spec.sampling, max_prompts=spec.max_prompts,

@@ -151,6 +151,40 @@ def _read_dataset_folder(path: str, split: str | None) -> tuple[list[dict], list
     return records, [Where(label, i) for i in range(len(records))]
 
 
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".txt", ".csv")
+
+
+def _is_hub_dataset(spec: str) -> bool:
+    """``org/name[@config][:split]`` that is not a local path nor a data file name."""
+    from ..hub import is_hub_name
+
+    name = spec.split(":")[0].split("@")[0]
+    return not os.path.exists(spec) and not name.endswith(DATA_SUFFIXES) and is_hub_name(name)
+
+
+def _read_hub_dataset(spec: str, split: str | None) -> tuple[list[dict], list[Where]]:
+    """Records of a Hub dataset ``org/name[@config][:split]`` (default split: ``split`` or ``train``):
+    its repository snapshot from the HF cache (downloaded when online), read by ``datasets.load_dataset``."""
+    import datasets
+
+    from ..hub import HubNameError, snapshot
+
+    name, _, spec_split = spec.partition(":")
+    name, _, config = name.partition("@")
+    split = spec_split or split or "train"
+    try:
+        folder = snapshot(name, repo_type="dataset", what="dataset")
+    except HubNameError as e:
+        raise DataFormatError(str(e)) from None
+    try:
+        ds = datasets.load_dataset(folder, name=config or None, split=split)
+    except (ValueError, KeyError) as e:
+        raise DataFormatError(f"{spec}: cannot load split {split!r}{f' of config {config!r}' if config else ''}: {e}") from None
+    label = f"{name}{f'@{config}' if config else ''}:{split}"
+    records = ds.to_list()
+    return records, [Where(label, i) for i in range(len(records))]
+
+
 def read_records(
     paths: PathLike | Sequence[PathLike],
     split: str | None = None,
@@ -161,7 +195,8 @@ def read_records(
     Args:
         paths: a file (``.jsonl``/``.ndjson``, ``.json``, ``.parquet``), a folder written by
             ``datasets``' ``save_to_disk`` (``"folder:split"`` picks a split of a ``DatasetDict``),
-            or a list of these (concatenated in order).
+            a Hugging Face Hub dataset ``org/name[@config][:split]`` (through the HF cache; offline
+            with ``HF_HUB_OFFLINE=1``), or a list of these (concatenated in order).
         split: split of a ``DatasetDict`` folder (when the path does not name one).
         errors: when given, unreadable records (invalid JSON lines, non-objects) are appended to it
             and skipped instead of raising.
@@ -177,6 +212,8 @@ def read_records(
         path, path_split = _split_suffix(os.fspath(p))
         if os.path.isdir(path):
             records, wheres = _read_dataset_folder(path, path_split or split)
+        elif _is_hub_dataset(os.fspath(p)):
+            records, wheres = _read_hub_dataset(os.fspath(p), split)
         elif not os.path.exists(path):
             raise DataFormatError(f"{path}: no such file or folder")
         elif path.endswith((".jsonl", ".ndjson", ".jsonl.txt")):

@@ -52,7 +52,8 @@ class ModelSpec:
     """Where a model comes from and how to load it."""
 
     path: str = ""
-    """A Hugging Face model folder (or a folder with only ``config.json``: built from config)."""
+    """A Hugging Face model folder (or a folder with only ``config.json``: built from config), or a Hub
+    id such as ``Qwen/Qwen2.5-0.5B-Instruct`` (resolved through the HF cache; offline: ``HF_HUB_OFFLINE=1``)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype. Mixed precision is the Trainer's ``precision``; this is the storage dtype."""
     lora: LoraSpec | None = None
@@ -80,6 +81,15 @@ def as_spec(spec: ModelSpec | str | dict) -> ModelSpec:
     return ModelSpec(**spec)
 
 
+def resolve_model_path(name_or_path: str | Path) -> str:
+    """A local model folder for a folder or a Hugging Face Hub id (``Qwen/Qwen2.5-0.5B-Instruct``),
+    the latter through the HF cache (offline with ``HF_HUB_OFFLINE=1``; see :mod:`lightning_rlhf.hub`)."""
+    from ..hub import is_hub_name, snapshot
+
+    name = str(name_or_path)
+    return snapshot(name, what="model") if is_hub_name(name) else name
+
+
 def has_weights(path: str | Path) -> bool:
     p = Path(path)
     return any((p / f).exists() for f in WEIGHT_FILES)
@@ -89,7 +99,7 @@ def load_tokenizer(path: str | Path):
     """An ``AutoTokenizer`` from a local folder, right padding, pad token set (EOS if it had none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(str(path)))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -115,7 +125,7 @@ def _load(auto_cls, spec: ModelSpec, **kwargs) -> nn.Module:
 
     if not spec.path:
         raise ValueError("model path is empty: set `path` to a Hugging Face model folder")
-    path = Path(spec.path)
+    path = Path(resolve_model_path(spec.path))
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json); nothing is downloaded at run time")
     dtype = DTYPES[spec.dtype]
@@ -205,6 +215,25 @@ def load_sequence_classifier(spec: ModelSpec | str | dict, *, trainable: bool = 
     if not trainable:
         return freeze(model)
     return prepare(model, spec, "SEQ_CLS")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability in ``model`` to 0, in place (LoRA's included), and return it.
+
+    RL and DPO compare log-probs of the same tokens across forwards (old vs new policy, policy vs
+    reference): dropout makes the first PPO ratio differ from 1 and DPO's log-ratios noisy, so TRL
+    turns it off (``disable_dropout_in_model``). Besides ``nn.Dropout`` modules this zeroes the float
+    rates that attention and decoder layers pass to the attention function or ``F.dropout``
+    (``attention_dropout``, OPT's ``dropout``, ...). The config is left as it is, so an exported
+    model keeps its own dropout for later fine-tuning.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(module, name, 0.0)
+    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -89,6 +89,9 @@ def plain(obj):
     return obj
 
 
+TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+
 class StageModule(LightningModule):
     """Base of the stage modules: tokenizer, export of the trained model, throughput bookkeeping.
 
@@ -109,6 +112,31 @@ class StageModule(LightningModule):
 
     def exported_model(self) -> nn.Module:
         raise NotImplementedError
+
+    def true_precision_dtype(self) -> torch.dtype | None:
+        """The parameter dtype of a ``*-true`` precision (``bf16-true``: bfloat16, ...) of the
+        Trainer or Fabric driving this module; None for mixed or 32-bit precision, or when unattached."""
+        if self._fabric is not None:
+            precision = self._fabric.strategy.precision.precision
+        elif self._trainer is not None:
+            precision = self._trainer.precision_plugin.precision
+        else:
+            return None
+        return TRUE_PRECISION_DTYPES.get(str(precision))
+
+    def place_frozen(self, model: nn.Module) -> nn.Module:
+        """A frozen model that is deliberately not a submodule (a reference, a reward model) onto
+        ``self.device``, in the dtype of a ``*-true`` precision: what Lightning does to the
+        submodules, which it does not do to these. Cheap when already there. An FSDP2-sharded model
+        stays as it is: its shards already live where the strategy put them."""
+        from ..models.distributed import is_sharded
+
+        if is_sharded(model):
+            return model
+        dtype = self.true_precision_dtype()
+        if dtype is not None and not getattr(model, "is_quantized", False):
+            model.to(dtype=dtype)
+        return model.to(self.device)
 
     def shard(self, model: nn.Module) -> nn.Module:
         """FSDP2-shard ``model`` when the strategy gives a device mesh (``ModelParallelStrategy``)."""

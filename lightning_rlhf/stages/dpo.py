@@ -25,7 +25,7 @@ import torch
 
 from ..core.losses import dpo_loss, orpo_loss
 from ..core.ops import masked_sum
-from ..models import ModelSpec, as_spec, is_peft, load_causal_lm
+from ..models import ModelSpec, as_spec, disable_dropout, is_peft, load_causal_lm
 from ..models.forward import sequence_logprobs
 from ..rollout.generate import eval_mode
 from .common import OfflineStageModule, OptimSpec
@@ -63,6 +63,8 @@ class DPOModule(OfflineStageModule):
             summed for the others.
         precompute_ref_logps: compute the reference log-probs once over the train and val data at
             the start of fit, then free the reference, so training holds one model.
+        disable_dropout: set every dropout of the policy and reference to 0 (as TRL does), so that
+            the log-ratios are not dropout noise.
         output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA model merged into its base (else the adapter folder).
     """
@@ -82,6 +84,7 @@ class DPOModule(OfflineStageModule):
         rpo_alpha: float | None = None,
         length_normalise: bool | None = None,
         precompute_ref_logps: bool = False,
+        disable_dropout: bool = True,
         output_dir: str | None = None,
         merge_lora: bool = True,
     ):
@@ -105,8 +108,12 @@ class DPOModule(OfflineStageModule):
             loss_type in LENGTH_NORMALISED if length_normalise is None else length_normalise
         )
         self.precompute_ref_logps = precompute_ref_logps
+        self.disable_dropout = disable_dropout
         self.policy: torch.nn.Module | None = None
-        self.reference: torch.nn.Module | None = None
+        # The frozen reference is kept in a plain dict, not registered as a submodule (as the online
+        # stages do): it stays out of state_dict, the optimiser and Lightning's "modules in eval mode
+        # at the start of training" check; ``place_frozen`` moves (and under *-true precision converts) it.
+        self._frozen: dict[str, torch.nn.Module] = {}
         # split -> (N, 2) fp32 summed reference log-probs of (chosen, rejected) by record index; NaN = missing
         self.ref_cache: dict[str, torch.Tensor] = {}
         self.save_hyperparameters()
@@ -114,19 +121,28 @@ class DPOModule(OfflineStageModule):
     # --------------------------------------------------------------------------------- models
 
     @property
+    def reference(self) -> torch.nn.Module | None:
+        """The frozen reference model (None: LoRA's disabled adapter, a reference-free loss, or freed
+        after precomputing its log-probs)."""
+        return self._frozen.get("reference")
+
+    @property
     def needs_reference(self) -> bool:
         return self.loss_type not in REFERENCE_FREE
 
     def configure_model(self) -> None:
+        no_dropout = disable_dropout if self.disable_dropout else (lambda m: m)
         if self.policy is None:
-            self.policy = self.shard(load_causal_lm(self.policy_spec))
+            self.policy = self.shard(no_dropout(load_causal_lm(self.policy_spec)))
         if (
             self.reference is None
             and self.needs_reference
             and not is_peft(self.policy)
             and not self.ref_cache
         ):
-            self.reference = self.shard(load_causal_lm(self._reference_spec(), trainable=False))
+            self._frozen["reference"] = self.shard(
+                no_dropout(load_causal_lm(self._reference_spec(), trainable=False))
+            )
 
     def _reference_spec(self) -> ModelSpec:
         if self.reference_spec is not None:
@@ -136,18 +152,6 @@ class DPOModule(OfflineStageModule):
 
     def exported_model(self):
         return self.policy
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The reference is rebuilt from its folder: keep it out of checkpoints.
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference is not None:
-            state = checkpoint.setdefault("state_dict", {})
-            for key, value in self.reference.state_dict().items():
-                state.setdefault(f"reference.{key}", value)
 
     # ------------------------------------------------------------------------------- log-probs
 
@@ -182,8 +186,9 @@ class DPOModule(OfflineStageModule):
                 "DPOModule: no reference model (it was freed after precomputing) and no cached log-probs "
                 "for this batch"
             )
-        with eval_mode(self.reference):
-            return self.completion_logps(self.reference, batch)[0]
+        reference = self.place_frozen(self.reference)
+        with eval_mode(reference):
+            return self.completion_logps(reference, batch)[0]
 
     def _cached_reference_logps(self, batch: dict, split: str) -> torch.Tensor | None:
         cache = self.ref_cache.get(split)
@@ -220,7 +225,7 @@ class DPOModule(OfflineStageModule):
                 cache[i] = v
             self.ref_cache[split] = cache
         if free_reference and self.reference is not None:
-            self.reference = None
+            del self._frozen["reference"]
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

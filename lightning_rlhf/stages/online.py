@@ -47,7 +47,7 @@ from ..core import (
     token_rewards,
     truncated_importance_weights,
 )
-from ..models import ModelSpec, as_spec, freeze, load_causal_lm, load_sequence_classifier
+from ..models import ModelSpec, as_spec, disable_dropout, freeze, load_causal_lm, load_sequence_classifier
 from ..models.distributed import all_reduce, fsdp_gradient_sync, gathered_once, is_sharded, world_size
 from ..rollout import (
     CompositeScorer,
@@ -204,6 +204,8 @@ class OnlineRLModule(StageModule):
             accelerator only for its forward (saves accelerator memory; costs transfers).
         seed: seed of the rollout's own ``torch.Generator`` (sampling and mini-batch shuffling; its
             state is checkpointed). Each rank adds its global rank.
+        disable_dropout: set every dropout of the policy, critic and reference to 0 (as TRL does), so
+            that the first ratio of each rollout is exactly 1 and the KL is not dropout noise.
         log_samples_every_n_steps: every N rollout steps, log a table of (prompt, response, reward)
             to W&B when the logger is a ``WandbLogger`` (0: never). The last samples are also kept in
             ``self.last_samples``.
@@ -237,6 +239,7 @@ class OnlineRLModule(StageModule):
         forward_batch_size: int | None = None,
         offload_frozen: bool = False,
         seed: int = 0,
+        disable_dropout: bool = True,
         log_samples_every_n_steps: int = 10,
         save_every_n_steps: int | None = None,
         output_dir: str | None = None,
@@ -287,6 +290,7 @@ class OnlineRLModule(StageModule):
         self.forward_batch_size = forward_batch_size
         self.offload_frozen = offload_frozen
         self.seed = seed
+        self.disable_dropout = disable_dropout
         self.log_samples_every_n_steps = log_samples_every_n_steps
         self.save_every_n_steps = save_every_n_steps
 
@@ -344,10 +348,10 @@ class OnlineRLModule(StageModule):
         if self.policy is None:
             # train mode (transformers loads in eval): Lightning keeps each module's mode, and gradient
             # checkpointing only acts in train mode; the rollout switches to eval mode itself
-            self.policy = self.shard(load_causal_lm(self.policy_spec).train())
+            self.policy = self.shard(self.no_dropout(load_causal_lm(self.policy_spec)).train())
         if self.uses_reference and not self.reference_is_adapter_off and "reference" not in self._frozen:
             spec = self.reference_spec or replace(self.policy_spec, lora=None, gradient_checkpointing=False)
-            self._frozen["reference"] = self.shard(load_causal_lm(spec, trainable=False))
+            self._frozen["reference"] = self.shard(self.no_dropout(load_causal_lm(spec, trainable=False)))
         if self.reward_spec is not None and "reward" not in self._frozen:
             self._frozen["reward"] = self.shard(load_sequence_classifier(self.reward_spec, trainable=False))
         if self.scorer is None:
@@ -369,19 +373,23 @@ class OnlineRLModule(StageModule):
     def exported_model(self) -> nn.Module:
         return self.policy
 
+    def no_dropout(self, model: nn.Module) -> nn.Module:
+        """``model`` with its dropout off when ``disable_dropout`` (the default), else as it is."""
+        return disable_dropout(model) if self.disable_dropout else model
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The policy's trainable parameters (what the actor optimiser holds)."""
         return (p for p in self.policy.parameters() if p.requires_grad)
 
     @contextlib.contextmanager
     def frozen_on_device(self, name: str) -> Iterator[nn.Module | None]:
-        """The frozen model ``name`` (``"reference"``/``"reward"``) on ``self.device`` for the block;
-        back on the CPU after it when ``offload_frozen``. An FSDP2-sharded one stays where its shards
-        are."""
+        """The frozen model ``name`` (``"reference"``/``"reward"``) on ``self.device`` (and in a
+        ``*-true`` precision's dtype) for the block; back on the CPU after it when ``offload_frozen``.
+        An FSDP2-sharded one stays where its shards are."""
         model = self._frozen.get(name)
         move = model is not None and not is_sharded(model)
-        if move:
-            model.to(self.device)
+        if model is not None:
+            self.place_frozen(model)
         try:
             yield model
         finally:
@@ -415,13 +423,29 @@ class OnlineRLModule(StageModule):
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
     def clip_and_step(self, optimizer, max_grad_norm: float | None) -> None:
-        """Clip the gradients (through Lightning, so precision plugins unscale first), step, zero."""
+        """Clip the gradients to ``max_grad_norm`` (of the unscaled gradients), step, zero."""
         if max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+            clip = max_grad_norm * self._loss_scale()
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if optimizer is self.optimizer_list()[0]:  # the actor's (first) optimiser: the policy moved
             self._policy_version += 1
+
+    def _loss_scale(self) -> float:
+        """The GradScaler's current scale when the gradients are still scaled at clipping time, else 1.
+
+        Under a Trainer with ``16-mixed`` and manual optimisation, Lightning unscales the gradients
+        only inside ``optimizer.step()``, after ``clip_gradients`` (Lightning issue #18089), and a
+        second ``unscale_`` there would raise. Clipping the scaled gradients at ``max_grad_norm *
+        scale`` is the same clip as ``max_grad_norm`` on the unscaled ones (the norm scales
+        linearly); non-finite gradients stay non-finite, so the scaler still skips that step.
+        Fabric's ``clip_gradients`` unscales first by itself: 1 there.
+        """
+        if self._fabric is not None or self._trainer is None:
+            return 1.0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def minibatches(self, n: int, mini_batch_size: int | None) -> list[torch.Tensor]:
         """A shuffled partition of ``range(n)`` into index tensors of ``mini_batch_size`` (the last

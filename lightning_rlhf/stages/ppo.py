@@ -166,7 +166,7 @@ class PPOModule(OnlineRLModule):
             if self.value_head is None:
                 self.value_head = ValueHead(hidden_size(self.policy), dtype=DTYPES[self.policy_spec.dtype])
         elif self.critic is None:
-            self.critic = self.shard(load_sequence_classifier(self.critic_model_spec()).train())
+            self.critic = self.shard(self.no_dropout(load_sequence_classifier(self.critic_model_spec())).train())
 
     def critic_parameters(self):
         module = self.value_head if self.share_backbone else self.critic
@@ -317,7 +317,7 @@ class PPOModule(OnlineRLModule):
         ev = (
             1.0 - masked_var(returns - values, mask) / var_returns
             if var_returns > 0
-            else torch.tensor(float("nan"))
+            else torch.tensor(float("nan"), device=values.device)
         )
         return {
             "train/explained_variance": float(ev),

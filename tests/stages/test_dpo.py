@@ -307,3 +307,21 @@ def test_bad_options_raise_early(tiny_model_dir):
         DPOModule(str(tiny_model_dir), loss_type="kto")
     with pytest.raises(ValueError, match="label_smoothing"):
         DPOModule(str(tiny_model_dir), loss_type="ipo", label_smoothing=0.1)
+
+
+def test_fit_starts_with_every_registered_module_in_train_mode(tiny_model_dir, pref_file):
+    """The frozen reference is not a submodule, so Lightning's "Found N module(s) in eval mode at the
+    start of training" warning (issue 12) does not fire; the reference still scores on the device."""
+    import warnings
+
+    module = make_module(tiny_model_dir)
+    assert module.reference is not None
+    assert not any(n.startswith("reference") for n, _ in module.named_modules())
+    dm = RLHFDataModule(str(pref_file), batch_size=2, max_length=48, max_prompt_length=16)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=dm)
+    assert not [w for w in caught if "eval mode" in str(w.message)]
+    assert not any(k.startswith("reference.") for k in module.state_dict())
