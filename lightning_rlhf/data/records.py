@@ -261,6 +261,8 @@ def is_conversational(value: Any) -> bool:
 
 
 def _check_messages(value: Any, where: Where, field: str) -> Messages:
+    if not isinstance(value, list):
+        raise where.error(field, f"must be a list of messages, got {type(value).__name__}")
     if not value:
         raise where.error(field, "is empty")
     for i, m in enumerate(value):
