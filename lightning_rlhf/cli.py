@@ -167,12 +167,44 @@ def _cli_class():
 
         def before_fit(self) -> None:
             self.validate_inputs()
+            _quiet_loggers(self.trainer)
 
         def before_validate(self) -> None:
             self.validate_inputs()
 
     RLHFCLI.SaveConfigToOutput = SaveConfigToOutput
     return RLHFCLI
+
+
+class _DropTips:
+    """Drop Lightning's advertising tips ("💡 Tip: ... litlogger") from its info log; keep the rest."""
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("💡")
+
+
+def quiet() -> None:
+    """Silence noise that says nothing about the run, on purpose and by exact message."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    # Lightning's own use of a torch API that torch deprecated; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # A stage run without validation data: Lightning warns that the empty val loader list has length 0.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+
+
+def _quiet_loggers(trainer) -> None:
+    # Lightning's WandbLogger passes `anonymous=None` to wandb.init, and wandb then warns that the
+    # setting "has no effect"; leave the key out when it is not set.
+    for logger in getattr(trainer, "loggers", []):
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
 
 
 def __getattr__(name: str):
@@ -189,6 +221,7 @@ def cli_main(args: list[str] | None = None, run: bool = True):
 
     global _argv
     _argv = list(sys.argv[1:] if args is None else args)
+    quiet()
     return _cli_class()(args=args, run=run)
 
 
