@@ -222,7 +222,14 @@ def cli_main(args: list[str] | None = None, run: bool = True):
     global _argv
     _argv = list(sys.argv[1:] if args is None else args)
     quiet()
-    return _cli_class()(args=args, run=run)
+    if args is None:
+        return _cli_class()(args=None, run=run)
+    import warnings
+
+    with warnings.catch_warnings():
+        # Called from Python with its own arguments (tests, notebooks, `main`): that is the intent.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+        return _cli_class()(args=args, run=run)
 
 
 def main(argv: list[str] | None = None) -> None:
