@@ -1,63 +1,257 @@
-"""The ``lightning-rlhf`` command: LightningCLI for every stage, plus ``pipeline``.
+"""The ``lightning-rlhf`` command: LightningCLI for every stage, plus ``pipeline`` and ``generate``.
 
-    lightning-rlhf fit --config configs/demo/sft.yaml [--model.optim.learning_rate 1e-4 ...]
+    lightning-rlhf fit --config configs/demo/sft.yaml [--model.init_args.optim.learning_rate 1e-4 ...]
     lightning-rlhf validate --config ...
     lightning-rlhf pipeline --config configs/demo/pipeline.yaml --output_dir outputs/demo
+    lightning-rlhf generate --model outputs/demo/sft --prompt "Write a review of a kettle."
+
+A user's mistake (data, config, paths, reward functions) is one ``error: ...`` message on stderr and a
+non-zero exit code; ``--debug`` (or ``LIGHTNING_RLHF_DEBUG=1``) shows the traceback too. Data and model
+folders are checked before anything is created (logger run, output folder) or any model is loaded.
+
+Lightning is imported lazily, so ``lightning-rlhf --help`` answers without loading torch.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib
+import inspect
 import os
+import re
 import sys
+from dataclasses import fields, is_dataclass
 
-from lightning import LightningModule
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from .errors import UNION_NOISE, debug_requested, reported
 
-from .data import RLHFDataModule
+TOP_HELP = """\
+usage: lightning-rlhf [--debug] {fit,validate,test,predict,pipeline,generate} ...
 
+RLHF and preference tuning as PyTorch Lightning modules.
 
-class SaveConfigToOutput(SaveConfigCallback):
-    """Save the run's complete config next to the stage's output (``<output_dir>/fit_config.yaml``),
-    not into the working directory, which W&B's ``log_dir`` would give."""
+commands:
+  fit         train a stage: lightning-rlhf fit --config configs/demo/sft.yaml
+  validate    one evaluation epoch over the validation set
+  test        one evaluation epoch over the test set
+  predict     run inference on your data
+  pipeline    run stages in order and compare their models:
+              lightning-rlhf pipeline --config configs/demo/pipeline.yaml --output_dir outputs/demo
+  generate    sample a trained model: lightning-rlhf generate --model outputs/demo/sft --prompt "..."
 
-    def __init__(self, *args, **kwargs):
-        kwargs["save_to_log_dir"] = False
-        super().__init__(*args, **kwargs)
+options:
+  -h, --help  show this message and exit
+  --debug     show the traceback of an error (also: LIGHTNING_RLHF_DEBUG=1)
 
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        out = getattr(pl_module, "output_dir", None)
-        if out:
-            os.makedirs(out, exist_ok=True)
-            self.parser.save(self.config, os.path.join(out, "fit_config.yaml"), skip_none=False, overwrite=True,
-                             multifile=self.multifile)
+`lightning-rlhf fit --help` lists the Trainer and data options; a stage's own options are shown by
+`lightning-rlhf fit --model.help SFTModule` (RewardModule, DPOModule, PPOModule, GRPOModule).
+"""
 
-
-class RLHFCLI(LightningCLI):
-    """LightningCLI with the stage modules as subclasses of ``LightningModule``."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("save_config_callback", SaveConfigToOutput)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("auto_configure_optimizers", False)
-        super().__init__(LightningModule, RLHFDataModule, *args, **kwargs)
+FIT_EPILOG = (
+    "A stage's own options (policy, optim, loss, ...): lightning-rlhf fit --model.help SFTModule "
+    "(or RewardModule, DPOModule, PPOModule, GRPOModule). The complete config of a YAML: "
+    "lightning-rlhf fit --config configs/demo/sft.yaml --print_config."
+)
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFCLI:
+_argv: list[str] = []  # the command line being parsed, for error messages
+
+
+def _option_names(class_path: str) -> list[str]:
+    """Option names a class accepts (dataclass fields or constructor parameters); [] if unknown."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception:
+        return []
+    if is_dataclass(cls):
+        return [f.name for f in fields(cls)]
+    try:
+        return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    except (TypeError, ValueError):
+        return []
+
+
+def condense_parse_error(message: str, argv: list[str]) -> str:
+    """jsonargparse's nested union report -> the one line that matters, with close matches for a typo."""
+    unknown = re.findall(r"Option '([^']+)' is not accepted", message) or re.findall(
+        r'Key "([^"]+)" is not expected', message
+    )
+    class_paths = re.findall(r"Problem with given class_path '([^']+)'", message)
+    if unknown:
+        bad = unknown[-1]
+        flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--") and
+                     a.split("=", 1)[0].rsplit(".", 1)[-1] == bad), None)
+        owner = class_paths[-1].rsplit(".", 1)[-1] if class_paths else None
+        names = _option_names(class_paths[-1]) if class_paths else []
+        close = difflib.get_close_matches(bad, names, n=3, cutoff=0.6)
+        line = f"option {flag or bad!r} is not accepted" + (f" by {owner}" if owner else "")
+        if close:
+            line += f"; did you mean {' or '.join(close)}?"
+        elif names:
+            line += f" (its options: {', '.join(names)})"
+        return line
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    lines = [ln.strip(" -") for ln in message.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("Parser key") and not any(n in ln for n in UNION_NOISE)]
+    detail = lines[-1] if lines else message.strip().splitlines()[0]
+    where = ".".join(k for k in keys if k != "init_args")
+    return f"{where}: {detail}" if where and where not in detail else detail
+
+
+@functools.cache
+def _parser_class():
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class RLHFArgumentParser(LightningArgumentParser):
+        """Parse errors as one line (plus a hint) instead of the usage and jsonargparse's union report."""
+
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+                return super().error(message, ex)
+            if os.environ.get("LIGHTNING_RLHF_DEBUG", "0") not in ("", "0"):
+                sys.stderr.write(message + "\n")
+            sys.stderr.write(
+                f"error: {condense_parse_error(message, _argv)}\n"
+                f"(`lightning-rlhf fit --help` lists the options; `lightning-rlhf fit --model.help SFTModule` a stage's)\n"
+            )
+            self.exit(2)
+
+    return RLHFArgumentParser
+
+
+@functools.cache
+def _cli_class():
+    from lightning import LightningModule
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    from .data import RLHFDataModule
+
+    class SaveConfigToOutput(SaveConfigCallback):
+        """Save the run's complete config next to the stage's output (``<output_dir>/fit_config.yaml``),
+        not into the working directory, which W&B's ``log_dir`` would give."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs["save_to_log_dir"] = False
+            super().__init__(*args, **kwargs)
+
+        def save_config(self, trainer, pl_module, stage: str) -> None:
+            out = getattr(pl_module, "output_dir", None)
+            if out:
+                os.makedirs(out, exist_ok=True)
+                self.parser.save(self.config, os.path.join(out, "fit_config.yaml"), skip_none=False,
+                                 overwrite=True, multifile=self.multifile)
+
+    class RLHFCLI(LightningCLI):
+        """LightningCLI with the stage modules as subclasses of ``LightningModule``; the data is read and
+        validated before the Trainer starts (before the logger's run or any output folder exists)."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("subclass_mode_model", True)
+            kwargs.setdefault("save_config_callback", SaveConfigToOutput)
+            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+            kwargs.setdefault("auto_configure_optimizers", False)
+            kwargs.setdefault("parser_class", _parser_class())
+            super().__init__(LightningModule, RLHFDataModule, *args, **kwargs)
+
+        def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            parser.epilog = FIT_EPILOG
+            return parser
+
+        def validate_inputs(self) -> None:
+            """Read, validate and tokenise the data now, with the stage's data kind and tokenizer."""
+            dm = self.datamodule
+            if isinstance(dm, RLHFDataModule):
+                dm.load(getattr(self.model, "data_kind", None) or None, getattr(self.model, "tokenizer", None))
+
+        def before_fit(self) -> None:
+            self.validate_inputs()
+            _quiet_loggers(self.trainer)
+
+        def before_validate(self) -> None:
+            self.validate_inputs()
+
+    RLHFCLI.SaveConfigToOutput = SaveConfigToOutput
+    return RLHFCLI
+
+
+class _DropTips:
+    """Drop Lightning's advertising tips ("💡 Tip: ... litlogger") from its info log; keep the rest."""
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("💡")
+
+
+def quiet() -> None:
+    """Silence noise that says nothing about the run, on purpose and by exact message."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    # Lightning's own use of a torch API that torch deprecated; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # A stage run without validation data: Lightning warns that the empty val loader list has length 0.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+
+
+def _quiet_loggers(trainer) -> None:
+    # Lightning's WandbLogger passes `anonymous=None` to wandb.init, and wandb then warns that the
+    # setting "has no effect"; leave the key out when it is not set.
+    for logger in getattr(trainer, "loggers", []):
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
+
+
+def __getattr__(name: str):
+    # ``from lightning_rlhf.cli import RLHFCLI`` keeps working; the import of Lightning waits until then.
+    if name == "RLHFCLI":
+        return _cli_class()
+    if name == "SaveConfigToOutput":
+        return _cli_class().SaveConfigToOutput
+    raise AttributeError(name)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True):
     from . import stages  # noqa: F401  (registers the stage classes for short class_path names)
 
-    return RLHFCLI(args=args, run=run)
+    global _argv
+    _argv = list(sys.argv[1:] if args is None else args)
+    quiet()
+    if args is None:
+        return _cli_class()(args=None, run=run)
+    import warnings
+
+    with warnings.catch_warnings():
+        # Called from Python with its own arguments (tests, notebooks, `main`): that is the intent.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+        return _cli_class()(args=args, run=run)
 
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "pipeline":
-        from .pipeline import main as pipeline_main
-
-        pipeline_main(args[1:])
+    debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    if not args or args[0] in ("-h", "--help"):
+        print(TOP_HELP, end="")
         return
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    with reported(debug):
+        if args[0] == "pipeline":
+            from .pipeline import main as pipeline_main
+
+            pipeline_main(args[1:])
+        elif args[0] == "generate":
+            from .generate_cli import main as generate_main
+
+            generate_main(args[1:])
+        elif argv is None:
+            sys.argv = sys.argv[:1] + args  # without --debug; LightningCLI reads sys.argv itself
+            cli_main(None)
+        else:
+            cli_main(args)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,22 @@
 Each stage is ``lightning-rlhf fit --config <its own YAML>`` in a child process, plus a small override
 file that the pipeline writes: the stage's ``output_dir`` (``<output_dir>/<name>``), the folders of the
 earlier stages it reads (``inputs``), the loggers (W&B offline, grouped per pipeline run, plus a CSV log
-for the report's curves) and any ``args`` the pipeline YAML gives. A stage whose folder already holds
-a model is skipped unless ``--force``. When all stages have run, every model is evaluated by
+for the report's curves) and any ``args`` the pipeline YAML gives.
+
+Each stage folder gets a ``pipeline_stage.json`` after its run: the stage's fingerprint, made of its
+resolved config (its YAML merged with the pipeline's overrides; loggers and its own output path left
+out), the contents of the files and folders that config names (data, base models), the fingerprints of
+the stages it reads, and a stamp of the files it wrote. A stage is skipped only when its folder holds
+a model with a matching record; otherwise (no record: e.g. a stage YAML run on its own wrote there;
+a changed config or data; an input stage that was rerun; files rewritten since) it reruns, and so does
+everything downstream. ``--force`` reruns every stage. When all stages have run, every model is evaluated by
 :mod:`lightning_rlhf.evaluation` on the same held-out prompts with the same sampling settings and seed,
 and ``report.json``, ``report.md`` and ``report.png`` are written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -118,6 +126,117 @@ def override_config(stage: StageSpec, output_dir: Path, group: str, project: str
     return _nest(dotted)
 
 
+RECORD = "pipeline_stage.json"
+_IGNORED_KEYS = ("trainer.logger", "model.init_args.output_dir")
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_digest(path: Path, _cache: dict = {}) -> str:  # noqa: B006 (a per-process cache on purpose)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _cache[key] = h.hexdigest()
+    return _cache[key]
+
+
+def folder_stamp(path: Path, skip: tuple[str, ...] = (RECORD,)) -> str:
+    """Cheap identity of a folder's files (names, sizes, modification times): changes when they are rewritten."""
+    items = sorted(
+        (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in path.rglob("*") if f.is_file() and f.name not in skip
+    )
+    return _sha(items)
+
+
+def _referenced_contents(config, found: dict[str, str]) -> dict[str, str]:
+    """Content digests of the files (sha256) and folders (stamp) named anywhere in a config."""
+    if isinstance(config, dict):
+        for v in config.values():
+            _referenced_contents(v, found)
+    elif isinstance(config, list):
+        for v in config:
+            _referenced_contents(v, found)
+    elif isinstance(config, str) and config and len(config) < 4096 and config not in found:
+        p = Path(config)
+        try:
+            if p.is_file():
+                found[config] = _file_digest(p)
+            elif p.is_dir():
+                found[config] = folder_stamp(p)
+        except OSError:
+            pass
+    return found
+
+
+def resolved_config(stage: StageSpec) -> dict:
+    """The stage's YAML merged with the pipeline's ``args`` (as the child process sees them), without the
+    keys that do not change the result (loggers, its own output folder) and without the input paths
+    (their fingerprints stand for them)."""
+    base = yaml.safe_load(Path(stage.config).read_text()) or {}
+    dotted = {k: v for k, v in stage.args.items() if k not in _IGNORED_KEYS}
+    merged = _merge(base, _nest(dotted))
+    for key in (*_IGNORED_KEYS, *stage.inputs):
+        node = merged
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return merged
+
+
+def stage_fingerprint(stage: StageSpec, input_fingerprints: dict[str, str]) -> dict:
+    """What a stage's result depends on: its resolved config, the contents it names, its inputs."""
+    config = resolved_config(stage)
+    return {
+        "config": _sha(config),
+        "contents": _sha(_referenced_contents(config, {})),
+        "inputs": {stage_name: input_fingerprints.get(stage_name) for stage_name in sorted(set(stage.inputs.values()))},
+    }
+
+
+def read_record(path: Path) -> dict | None:
+    record = _load_json(path / RECORD)
+    return record or None
+
+
+def stale_reason(out: Path, expected: dict) -> str | None:
+    """None when ``out`` holds the result ``expected`` describes; else why it does not."""
+    if not stage_done(out):
+        return "no model yet"
+    record = read_record(out)
+    if record is None:
+        return (f"{out} holds a model that this pipeline did not write (no {RECORD}; e.g. a stage YAML run "
+                "on its own): rerun")
+    if record.get("stamp") != folder_stamp(out):
+        return f"the files in {out} changed after the pipeline wrote them: rerun"
+    for key, what in (("config", "its config changed"), ("contents", "a data file or model folder it names changed")):
+        if record.get(key) != expected[key]:
+            return f"{what}: rerun"
+    for name, fp in expected["inputs"].items():
+        if record.get("inputs", {}).get(name) != fp:
+            return f"its input stage '{name}' changed: rerun"
+    return None
+
+
+def write_record(out: Path, stage: StageSpec, expected: dict) -> str:
+    """Write the stage's record after a successful run; return its fingerprint."""
+    stamp = folder_stamp(out)
+    record = {"stage": stage.name, "config_file": stage.config, **expected, "stamp": stamp}
+    record["fingerprint"] = _sha(record)
+    tmp = out / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out / RECORD)
+    return record["fingerprint"]
+
+
 def run_stage(stage: StageSpec, output_dir: Path, group: str, project: str) -> dict:
     """Run one stage in a child process; return its wall time, peak memory and output folder."""
     out = stage_dir(output_dir, stage.name)
@@ -171,6 +290,8 @@ def evaluate_models(spec: EvalSpec, output_dir: Path) -> dict:
         )
         res["kl_to_sft"] = res.pop("kl_to_ref")
         res["path"] = str(path)
+        record = read_record(path)
+        res["fingerprint"] = record["fingerprint"] if record else f"folder:{folder_stamp(path)}"
         results[name] = res
     out: dict[str, Any] = {"models": results, "gold_reward_range": list(spec.gold_range)}
     if reward_model is not None and spec.reward_pairs:
@@ -203,14 +324,25 @@ def run_pipeline(spec: PipelineSpec, output_dir: str | Path, force: bool = False
     output_dir.mkdir(parents=True, exist_ok=True)
     group = f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
     stages: dict[str, dict] = {}
+    fingerprints: dict[str, str] = {}
     prev = _load_json(output_dir / "report.json").get("stages", {})
     for stage in spec.stages:
         out = stage_dir(output_dir, stage.name)
-        if stage_done(out) and not force:
-            print(f"=== stage {stage.name}: {out} exists, skipped (--force to rerun)")
-            stages[stage.name] = prev.get(stage.name, {"output": str(out)}) | {"skipped": True}
+        expected = stage_fingerprint(stage, fingerprints)
+        reason = "--force" if force else stale_reason(out, expected)
+        if reason is None:
+            fingerprints[stage.name] = read_record(out)["fingerprint"]
+            print(f"=== stage {stage.name}: {out} is up to date (fingerprint {fingerprints[stage.name][:12]}), "
+                  "skipped (--force to rerun)")
+            stages[stage.name] = prev.get(stage.name, {"output": str(out)}) | {
+                "skipped": True, "fingerprint": fingerprints[stage.name]}
             continue
+        if stage_done(out):
+            print(f"=== stage {stage.name}: {reason}")
+        (out / RECORD).unlink(missing_ok=True)  # a failed run leaves no record behind
         stages[stage.name] = run_stage(stage, output_dir, group, spec.wandb_project)
+        fingerprints[stage.name] = write_record(out, stage, expected)
+        stages[stage.name]["fingerprint"] = fingerprints[stage.name]
     print("\n=== evaluation", flush=True)
     report = evaluate_models(spec.evaluation, output_dir)
     report["stages"] = stages

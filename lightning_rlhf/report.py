@@ -72,10 +72,13 @@ def markdown(report: dict) -> str:
         lines += ["", f"### {name}", "", "| model | gold | prompts × samples |", "|---|---|---|"]
         for mname, m in extra["models"].items():
             lines.append(f"| {mname} | {_fmt(m['gold_reward'])} | {m['n_prompts']} × {m['n_samples'] // max(1, m['n_prompts'])} |")
-    lines += ["", "## Stages", "", "| stage | wall (s) | peak RSS (MB) | output |", "|---|---|---|---|"]
+    lines += ["", "## Models compared", "", "| model | folder | fingerprint |", "|---|---|---|"]
+    for name, m in models.items():
+        lines.append(f"| {name} | {m.get('path', '?')} | {str(m.get('fingerprint', '–'))[:19]} |")
+    lines += ["", "## Stages", "", "| stage | wall (s) | peak RSS (MB) | output | fingerprint |", "|---|---|---|---|---|"]
     for name, s in report.get("stages", {}).items():
         lines.append(f"| {name} | {s.get('wall_s', '–')} | {s.get('peak_mem_mb', '–')} | {s.get('output', '')}"
-                     f"{' (skipped: existed)' if s.get('skipped') else ''} |")
+                     f"{' (skipped: up to date)' if s.get('skipped') else ''} | {str(s.get('fingerprint', '–'))[:12]} |")
     lines += ["", "## Samples (first sample of the first held-out prompts)", ""]
     names = list(models)
     n_ex = min((len(m.get("examples", [])) for m in models.values()), default=0)

@@ -78,6 +78,13 @@ def test_report_has_every_field(pipeline_run):
         assert s["wall_s"] > 0 and s["peak_mem_mb"] > 50 and Path(s["output"]).is_dir()
     assert "sentiment_task" in report["extra"]
     assert (out / "report.md").read_text().count("| sft |") >= 1
+    # the report names the folders and fingerprints of the models it compared
+    records = {st: json.loads((out / st / "pipeline_stage.json").read_text()) for st in ("sft", "ppo", "dpo", "grpo")}
+    for st, record in records.items():
+        assert report["models"][st]["fingerprint"] == record["fingerprint"] == report["stages"][st]["fingerprint"]
+        assert f"| {st} | {out / st} | {record['fingerprint'][:19]} |" in (out / "report.md").read_text()
+    assert records["ppo"]["inputs"] == {"sft": records["sft"]["fingerprint"],
+                                        "reward": report["stages"]["reward"]["fingerprint"]}
     assert (out / "report.png").stat().st_size > 10_000
     # Curves come from each stage's CSV log.
     assert (out / "logs" / "sft" / "metrics.csv").exists()
@@ -114,7 +121,7 @@ def test_existing_stages_are_skipped_and_wandb_runs_are_grouped(pipeline_run, ca
     finally:
         os.chdir(cwd)
     printed = capsys.readouterr().out
-    assert printed.count("exists, skipped") == len(spec.stages)
+    assert printed.count("is up to date (fingerprint") == len(spec.stages)
     assert {p: p.stat().st_mtime for p in (out / "sft").iterdir()} == before
 
 

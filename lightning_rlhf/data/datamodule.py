@@ -160,7 +160,24 @@ class RLHFDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples is not None:  # load and tokenise once
             return
-        kind, tok = self._resolve()
+        self.load()
+
+    def load(self, kind: str | None = None, tokenizer: Any = None) -> None:
+        """Read, validate and tokenise the records now (what ``setup`` does), with ``kind`` and
+        ``tokenizer`` given explicitly (the constructor's values win when they are set).
+
+        The command line calls it before the Trainer starts, so that a mistake in the data is reported
+        before anything (logger run, output folder) is created or any model is loaded.
+        """
+        if self.train_examples is not None:
+            return
+        saved = self.kind, self.tokenizer
+        self.kind = self.kind or kind
+        self.tokenizer = self.tokenizer if self.tokenizer is not None else tokenizer
+        try:
+            kind, tok = self._resolve()
+        finally:
+            self.kind, self.tokenizer = saved
         self.resolved_kind, self.resolved_tokenizer = kind, tok
         records, wheres, unreadable = self._read(self.train_files)
         if self.val_files is not None:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_rlhf.errors import UserError
+
 PathLike = str | os.PathLike
 Messages = list[dict[str, Any]]
 
@@ -34,7 +36,11 @@ PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "margin")
 PROMPT_FIELDS = ("prompt",)
 
 
-class DataFormatError(ValueError):
+ROLES = ("system", "developer", "user", "assistant", "tool")
+"""Message roles a chat template understands."""
+
+
+class DataFormatError(UserError):
     """Bad input data: the message names the file, the record index (line for JSONL) and the field."""
 
 
@@ -65,15 +71,31 @@ def _split_suffix(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def _read_jsonl(path: str, errors: list[DataFormatError] | None) -> tuple[list[dict], list[Where]]:
-    records, wheres = [], []
+def _decode(raw: bytes, where: Where) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise where.error(
+            None, f"not valid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1} (save the file as UTF-8)"
+        ) from None
+
+
+def iter_jsonl(path: str, errors: list[DataFormatError] | None = None):
+    """Yield ``(record, where)`` of a JSONL file one line at a time (memory bounded by the longest line)."""
     index = 0  # record index: non-blank lines, counted whether valid or not
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = Where(path, index, lineno)
             index += 1
+            try:
+                line = _decode(raw, where)
+            except DataFormatError as err:
+                if errors is None:
+                    raise
+                errors.append(err)
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -88,14 +110,28 @@ def _read_jsonl(path: str, errors: list[DataFormatError] | None) -> tuple[list[d
                     raise err
                 errors.append(err)
                 continue
-            records.append(record)
-            wheres.append(where)
+            yield record, where
+
+
+def _read_jsonl(path: str, errors: list[DataFormatError] | None) -> tuple[list[dict], list[Where]]:
+    records, wheres = [], []
+    for record, where in iter_jsonl(path, errors):
+        records.append(record)
+        wheres.append(where)
     return records, wheres
 
 
 def _read_json(path: str, errors: list[DataFormatError] | None) -> tuple[list[dict], list[Where]]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataFormatError(
+            f"{path}: line {line}: not valid UTF-8: byte 0x{raw[e.start]:02x} at column {col} (save the file as UTF-8)"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -262,23 +298,28 @@ def is_conversational(value: Any) -> bool:
 
 
 def _check_messages(value: Any, where: Where, field: str) -> Messages:
+    if not isinstance(value, list):
+        raise where.error(field, f"must be a list of messages, got {type(value).__name__}")
     if not value:
         raise where.error(field, "is empty")
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise where.error(field, f"message {i} must be a dict with 'role' and 'content', got {m!r}"[:300])
+        if m["role"] not in ROLES:
+            raise where.error(field, f"message {i} has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(m["content"], str):
             raise where.error(field, f"message {i}: 'content' must be a string, got {type(m['content']).__name__}")
     return value
 
 
-def _check_text_or_messages(record: dict, where: Where, field: str, *, allow_empty: bool = False) -> str | Messages:
+def _check_text_or_messages(record: dict, where: Where, field: str, *, empty_hint: str = "") -> str | Messages:
     if field not in record or record[field] is None:
         raise where.error(field, "is missing")
     value = record[field]
     if isinstance(value, str):
-        if not value and not allow_empty:
-            raise where.error(field, "is empty")
+        if not value.strip():
+            hint = f" ({empty_hint})" if empty_hint else ""
+            raise where.error(field, ("is empty" if not value else "is only whitespace") + hint)
         return value
     if isinstance(value, list):
         return _check_messages(value, where, field)
@@ -336,7 +377,7 @@ def parse_record(record: dict, kind: str, where: Where) -> dict:
                 raise where.error("messages", f"the last message must be from the assistant, got '{msgs[-1]['role']}'")
             return {"messages": msgs}
         if fmt == "prompt_completion":
-            prompt = _check_text_or_messages(record, where, "prompt", allow_empty=True)
+            prompt = _check_text_or_messages(record, where, "prompt", empty_hint="use a 'text' record for text without a prompt")
             completion = _check_text_or_messages(record, where, "completion")
             if is_conversational(prompt) != is_conversational(completion):
                 raise where.error("completion", "must be messages when 'prompt' is, a string when it is a string")
@@ -365,7 +406,7 @@ def parse_record(record: dict, kind: str, where: Where) -> dict:
         elif isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise where.error("margin", f"must be a number, got {type(margin).__name__}")
         if fmt == "preference":
-            prompt = _check_text_or_messages(record, where, "prompt", allow_empty=True)
+            prompt = _check_text_or_messages(record, where, "prompt", empty_hint="leave 'prompt' out for implicit-prompt pairs")
             if is_conversational(prompt) != is_conversational(chosen):
                 raise where.error("chosen", "must be messages when 'prompt' is, a string when it is a string")
         elif is_conversational(chosen):

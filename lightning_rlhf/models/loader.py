@@ -17,6 +17,7 @@ with a fixed seed, so the untrained model is the same on every machine.
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def is_peft(model: nn.Module) -> bool:
+    if "peft" not in sys.modules:  # nothing made a peft model; importing peft would pull in bitsandbytes
+        return False
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lightning_rlhf.errors import RewardFunctionError
 from lightning_rlhf.models.forward import default_position_ids
 from lightning_rlhf.rollout.generate import Rollout, _hf_model, eval_mode
 
@@ -170,22 +171,34 @@ def _function_name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def _to_values(name: str, out: Any, n: int) -> list[float | None]:
-    """Validate a reward function's output: n numbers or None."""
+def _qualified_name(fn: Callable) -> str:
+    """``pkg.module.func`` of a function (what a YAML names it by)."""
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{_function_name(fn)}" if module else _function_name(fn)
+
+
+def _to_values(name: str, out: Any, n: int, batch: str = "") -> list[float | None]:
+    """Validate a reward function's output: n finite numbers or None."""
+    at = f" ({batch})" if batch else ""
     if isinstance(out, torch.Tensor):
         out = out.detach().flatten().tolist()
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
-        raise ValueError(
-            f"reward function {name!r} returned {type(out).__name__}; expected a list of {n} floats"
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {type(out).__name__}; expected a list of {n} floats{at}"
         )
     if len(out) != n:
-        raise ValueError(f"reward function {name!r} returned {len(out)} values for {n} completions")
+        raise RewardFunctionError(f"reward function {name!r} returned {len(out)} values for {n} completions{at}")
     values = []
     for i, v in enumerate(out):
-        if v is not None and not isinstance(v, numbers.Real):
-            raise ValueError(
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise RewardFunctionError(
                 f"reward function {name!r} returned {v!r} ({type(v).__name__}) at position {i}; "
-                "expected a float or None"
+                f"expected a float or None{at}"
+            )
+        if v is not None and not math.isfinite(v):
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {v!r} at position {i}; expected a finite float "
+                f"(None marks a completion it does not apply to){at}"
             )
         values.append(None if v is None else float(v))
     return values
@@ -220,6 +233,7 @@ class RewardFunctionScorer:
         self.weights = [float(w) for w in weights]
         names = [_function_name(fn) for fn in self.functions]
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        self.calls = 0  # scoring calls so far, to name the batch in an error
 
     def __call__(
         self, rollout: Rollout, prompts: list, completions: list[str], extra: list[dict]
@@ -230,8 +244,18 @@ class RewardFunctionScorer:
         device = rollout.prompt_ids.device
         rewards = torch.zeros(n, dtype=torch.float32)
         parts, applicable = {}, torch.zeros(n, dtype=torch.bool)
+        self.calls += 1
+        batch = f"scoring call {self.calls}: {n} completions, first prompt {str(prompts[0])[:60]!r}" if n else ""
         for name, fn, weight in zip(self.names, self.functions, self.weights, strict=True):
-            values = _to_values(name, fn(prompts=list(prompts), completions=list(completions), **columns), n)
+            where = f"{_qualified_name(fn)}, {batch}"
+            try:
+                out = fn(prompts=list(prompts), completions=list(completions), **columns)
+            except Exception as e:
+                raise RewardFunctionError(
+                    f"reward function {name!r} raised {type(e).__name__}: {e} ({where}; arguments: "
+                    f"prompts, completions{''.join(', ' + k for k in columns)})"
+                ) from e
+            values = _to_values(name, out, n, where)
             part = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)  # (N,)
             applicable |= ~part.isnan()
             rewards += weight * part.nan_to_num(nan=0.0)

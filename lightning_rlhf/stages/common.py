@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+import typing
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +16,8 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from ..errors import ConfigError
 
 
 @dataclass
@@ -70,12 +76,68 @@ def total_training_steps(module: LightningModule, fallback: int = 1000) -> int:
     return fallback if steps is None or math.isinf(steps) else int(steps)
 
 
-def as_dataclass(cls, value):
-    """``value`` as a ``cls`` instance: itself, ``cls(**value)`` for a dict (a checkpoint's hparams),
-    ``cls()`` for None."""
+def _dataclasses_in(annotation) -> list[type]:
+    """The dataclass types an annotation names (``OptimSpec | None`` -> ``[OptimSpec]``)."""
+    args = typing.get_args(annotation) or (annotation,)
+    return [a for a in args if isinstance(a, type) and is_dataclass(a)]
+
+
+def _coerce(annotation, value, where: str):
+    """A dict given where ``annotation`` names a dataclass becomes that dataclass (recursively)."""
+    specs = _dataclasses_in(annotation)
+    if isinstance(value, dict) and specs:
+        return as_dataclass(specs[0], value, where)
+    return value
+
+
+def as_dataclass(cls, value, where: str = ""):
+    """``value`` as a ``cls`` instance: itself, ``cls(**value)`` for a dict (YAML, Python, a checkpoint's
+    hparams; nested dataclass fields too), ``cls()`` for None. An unknown key raises
+    :class:`~lightning_rlhf.errors.ConfigError` naming it, with close matches."""
     if value is None:
         return cls()
-    return cls(**value) if isinstance(value, dict) else value
+    if not isinstance(value, dict):
+        return value
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), names, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f" (options: {', '.join(names)})"
+        raise ConfigError(f"{where or cls.__name__}: unknown option '{k}' for {cls.__name__}{hint}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(hints.get(k), v, f"{where}.{k}" if where else k) for k, v in value.items()})
+
+
+def _normalising_specs(init):
+    """Wrap a stage's ``__init__`` so that every argument annotated with a dataclass accepts a dict (as
+    YAML does), and every model or tokenizer path is checked before anything is loaded."""
+    sig = inspect.signature(init)
+    hints_cache: list[dict] = []
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        from ..errors import check_model_path
+        from ..models.loader import ModelSpec
+
+        if not hints_cache:
+            hints_cache.append(typing.get_type_hints(init))
+        hints = hints_cache[0]
+        bound = sig.bind(self, *args, **kwargs)
+        owner = type(self).__name__
+        for name, value in list(bound.arguments.items())[1:]:
+            annotation = hints.get(name)
+            value = bound.arguments[name] = _coerce(annotation, value, f"{owner} {name}")
+            if ModelSpec in _dataclasses_in(annotation) and value is not None:
+                path = value.path if isinstance(value, ModelSpec) else value
+                option = f"{owner} {name}.path" if isinstance(value, ModelSpec) else f"{owner} {name}"
+                check_model_path(path, option)
+            elif name == "tokenizer" and isinstance(value, str):
+                check_model_path(value, f"{owner} tokenizer", tokenizer=True)
+        init(*bound.args, **bound.kwargs)
+
+    __init__._normalises_specs = True
+    return __init__
 
 
 def plain(obj):
@@ -100,6 +162,14 @@ class StageModule(LightningModule):
     """
 
     data_kind: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        # Every stage's constructor takes dicts for its spec arguments (as YAML does) and checks its
+        # model folders first: one mechanism here instead of per-stage conversions.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_normalises_specs", False):
+            cls.__init__ = _normalising_specs(init)
 
     def __init__(self, tokenizer_path: str, output_dir: str | None, merge_lora: bool = True):
         super().__init__()

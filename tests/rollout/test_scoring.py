@@ -222,3 +222,31 @@ def test_composite_scorer_weights_and_parts():
     rm_rewards, _ = rm(rollout, **ROWS)
     torch.testing.assert_close(rewards, rm_rewards - 0.25 * torch.tensor([1.0, 1.0, 3.0, 1.0]))
     assert set(parts) == {"reward_model", "length_reward"}
+
+
+def test_a_reward_function_that_raises_is_named_with_the_batch():
+    from lightning_rlhf.errors import RewardFunctionError
+
+    def needs_answer(prompts, completions, answer, **kw):
+        return [float(c == a) for c, a in zip(completions, answer, strict=True)]
+
+    scorer = RewardFunctionScorer([length_reward, needs_answer])
+    rows = dict(ROWS, extra=[{"topic": "t"}] * 4)  # no `answer` column
+    with pytest.raises(RewardFunctionError) as e:
+        scorer(make_rollout(), **rows)
+    msg = str(e.value)
+    assert msg.startswith("reward function 'needs_answer' raised TypeError:")
+    assert f"({__name__}.needs_answer, scoring call 1: 4 completions, first prompt 'p0'; arguments: " \
+           "prompts, completions, topic)" in msg
+    # the second batch is named as such
+    with pytest.raises(RewardFunctionError, match="scoring call 2: 4 completions"):
+        scorer(make_rollout(), **rows)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, True])
+def test_a_non_finite_or_boolean_reward_is_rejected(bad):
+    def f(prompts, completions, **kw):
+        return [0.0, bad, 0.0, 0.0]
+
+    with pytest.raises(ValueError, match=r"reward function 'f' returned .* at position 1; expected a (finite )?float"):
+        RewardFunctionScorer([f])(make_rollout(), **ROWS)
