@@ -1,4 +1,4 @@
-"""Model loading and preparation: dtype, LoRA, 4-bit, gradient checkpointing, export."""
+"""Model loading and preparation: dtype, LoRA, 4-bit, gradient checkpointing, GGUF files, export."""
 
 from .forward import default_position_ids, sequence_logprobs
 from .loader import (
@@ -6,11 +6,13 @@ from .loader import (
     ModelSpec,
     as_spec,
     freeze,
+    gguf_folder,
     is_peft,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
     save_pretrained,
+    smollm2_path,
 )
 
 __all__ = [
@@ -18,11 +20,13 @@ __all__ = [
     "ModelSpec",
     "as_spec",
     "freeze",
+    "gguf_folder",
     "is_peft",
     "load_causal_lm",
     "load_sequence_classifier",
     "load_tokenizer",
     "save_pretrained",
+    "smollm2_path",
     "default_position_ids",
     "sequence_logprobs",
 ]
