@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_rlhf.data import RLHFDataModule
+from lightning_rlhf.demo import antonyms
 from lightning_rlhf.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer
 from lightning_rlhf.models.loader import GGUFError, gguf_folder, resolve_gguf, smollm2_path
 from lightning_rlhf.stages import DPOModule, GenerationSpec, GRPOModule, PPOModule, RewardModule, SFTModule
@@ -221,3 +222,33 @@ def test_grpo_step(smollm2, files):
     t = _fit(m, _dm(files["prompt"], "prompt", max_prompt_length=48))
     assert t.callback_metrics["rollout/reward_std"].item() > 0  # some signal, else nothing would move
     _assert_moved(before, m.policy, "grpo")
+
+
+# ------------------------------------------------------------------------------ the example's task
+
+
+def test_antonym_reward_accepts_one_listed_word_only():
+    answers = [["cold", "cool"]] * 7
+    got = antonyms.antonym_reward(
+        [None] * 7, ["Cold", " cool.", "COLD!", "Cold and wet", "The opposite is cold", "warm", ""], answers
+    )
+    assert got == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert antonyms.one_word([None] * 3, ["Warm.", "Very warm", ""]) == [1.0, 0.0, 0.0]
+
+
+def test_antonym_data_is_deterministic_disjoint_and_committed(repo_root, tmp_path):
+    recs = antonyms.records()
+    assert recs == antonyms.records()
+    words = {name: {antonyms.word_of(r["prompt"]) for r in rs} for name, rs in recs.items()}
+    assert len(recs["prompts_eval"]) == 2 * antonyms.N_EVAL_PAIRS
+    assert not words["prompts_eval"] & words["prompts_train"]  # held-out words never trained on
+    every_pair = {frozenset((a, b)) for a, b, _ in antonyms.PAIRS}
+    assert len(every_pair) == len(antonyms.PAIRS)  # no pair listed twice
+    for rs in recs.values():  # the worked example's answer is right, and so is each record's first answer
+        for r in rs:
+            word = antonyms.word_of(r["prompt"])
+            assert any(word in (a, b) and r["answers"][0] in (a, b) for a, b, _ in antonyms.PAIRS)
+    antonyms.write_data(tmp_path)
+    for name in recs:  # the committed files are what the generator writes
+        shipped = repo_root / "data" / "examples" / "antonyms" / f"{name}.jsonl"
+        assert shipped.read_text() == (tmp_path / f"{name}.jsonl").read_text()
