@@ -11,6 +11,7 @@ This module imports nothing heavy: the data layer and the CLI's fast paths use i
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -66,6 +67,16 @@ def check_model_path(path: str | os.PathLike, option: str, *, tokenizer: bool = 
         return  # the loader reports an empty path with its own message
     files = TOKENIZER_FILES if tokenizer else MODEL_FILES
     what = "tokenizer" if tokenizer else "model"
+    from .models.loader import GGUF_SHORTHANDS, is_gguf
+
+    if is_gguf(p):  # a GGUF file (or a shorthand for one shipped in a package): converted when loaded
+        if p in GGUF_SHORTHANDS:
+            module, _, pip_name = GGUF_SHORTHANDS[p]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"{option}: {p!r} needs the package {pip_name} (pip install {pip_name})")
+        elif not os.path.isfile(p):
+            raise ConfigError(f"{option}: GGUF file {p} does not exist")
+        return
     if os.path.isdir(p):
         if not any((Path(p) / f).exists() for f in files):
             raise ConfigError(f"{option}: {p} is a folder but holds no {what} (none of {', '.join(files)})")

@@ -1,4 +1,4 @@
-"""Model loading and preparation: dtype, LoRA, 4-bit, gradient checkpointing, export."""
+"""Model loading and preparation: dtype, LoRA, 4-bit, gradient checkpointing, GGUF files, export."""
 
 from .forward import default_position_ids, sequence_logprobs
 from .loader import (
@@ -7,11 +7,13 @@ from .loader import (
     as_spec,
     disable_dropout,
     freeze,
+    gguf_folder,
     is_peft,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
     save_pretrained,
+    smollm2_path,
 )
 
 __all__ = [
@@ -20,11 +22,13 @@ __all__ = [
     "as_spec",
     "disable_dropout",
     "freeze",
+    "gguf_folder",
     "is_peft",
     "load_causal_lm",
     "load_sequence_classifier",
     "load_tokenizer",
     "save_pretrained",
+    "smollm2_path",
     "default_position_ids",
     "sequence_logprobs",
 ]

