@@ -3,6 +3,7 @@
     lightning-rlhf fit --config configs/demo/sft.yaml [--model.optim.learning_rate 1e-4 ...]
     lightning-rlhf validate --config ...
     lightning-rlhf pipeline --config configs/demo/pipeline.yaml --output_dir outputs/demo
+    lightning-rlhf plan-memory --model llama-2-7b --stage ppo --lora --gpus 8 --fsdp
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         from .pipeline import main as pipeline_main
 
         pipeline_main(args[1:])
+        return
+    if args and args[0] == "plan-memory":
+        from .memory import main as plan_memory_main
+
+        plan_memory_main(args[1:])
         return
     cli_main(argv)  # None: LightningCLI reads sys.argv itself
 
