@@ -4,6 +4,7 @@
     lightning-rlhf validate --config ...
     lightning-rlhf pipeline --config configs/demo/pipeline.yaml --output_dir outputs/demo
     lightning-rlhf generate --model outputs/demo/sft --prompt "Write a review of a kettle."
+    lightning-rlhf plan-memory --model llama-2-7b --stage ppo --lora --gpus 8 --fsdp
 
 A user's mistake (data, config, paths, reward functions) is one ``error: ...`` message on stderr and a
 non-zero exit code; ``--debug`` (or ``LIGHTNING_RLHF_DEBUG=1``) shows the traceback too. Data and model
@@ -26,7 +27,7 @@ from dataclasses import fields, is_dataclass
 from .errors import UNION_NOISE, debug_requested, reported
 
 TOP_HELP = """\
-usage: lightning-rlhf [--debug] {fit,validate,test,predict,pipeline,generate} ...
+usage: lightning-rlhf [--debug] {fit,validate,test,predict,pipeline,generate,plan-memory} ...
 
 RLHF and preference tuning as PyTorch Lightning modules.
 
@@ -38,6 +39,7 @@ commands:
   pipeline    run stages in order and compare their models:
               lightning-rlhf pipeline --config configs/demo/pipeline.yaml --output_dir outputs/demo
   generate    sample a trained model: lightning-rlhf generate --model outputs/demo/sft --prompt "..."
+  plan-memory per-GPU memory of a stage's models: lightning-rlhf plan-memory --model llama-2-7b --stage ppo
 
 options:
   -h, --help  show this message and exit
@@ -247,6 +249,10 @@ def main(argv: list[str] | None = None) -> None:
             from .generate_cli import main as generate_main
 
             generate_main(args[1:])
+        elif args[0] == "plan-memory":
+            from .memory import main as plan_memory_main
+
+            plan_memory_main(args[1:])
         elif argv is None:
             sys.argv = sys.argv[:1] + args  # without --debug; LightningCLI reads sys.argv itself
             cli_main(None)
