@@ -1,0 +1,120 @@
+"""Side-by-side comparison of one stage, ours vs TRL (used by ``sft.py``, ``reward.py``, ``dpo.py``,
+``grpo.py``, ``rloo.py``); see ``common.py`` for what is measured and how."""
+
+from __future__ import annotations
+
+import argparse
+
+from common import (
+    add_common_args,
+    build_assets,
+    fmt,
+    interleaved,
+    machine,
+    matmul_params,
+    matmul_peak,
+    median_of,
+    peak_for,
+    settings,
+    tmpdir,
+    write_report,
+)
+
+KINDS = {"sft": ("sft",), "reward": ("reward",), "dpo": ("preference",), "grpo": ("prompt",), "rloo": ("prompt",)}
+TRL_NAME = {"sft": "SFTTrainer", "reward": "RewardTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer",
+            "rloo": "RLOOTrainer"}  # fmt: skip
+LOSS_RTOL = 1e-3  # first-batch losses of the two sides must agree this closely (relative)
+
+
+def parser(task: str, doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if task in ("grpo", "rloo"):
+        add_common_args(p, batch=2, seq=32, steps=2)
+        p.add_argument("--generations", type=int, default=4, help="samples per prompt (group size)")
+        p.add_argument("--new-tokens", dest="new_tokens", type=int, default=32, help="max new tokens per sample")
+        p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (both sides)")
+    else:
+        add_common_args(p)
+    return p
+
+
+def run(task: str, args: argparse.Namespace) -> dict:
+    cfg = settings(args)
+    if task in ("grpo", "rloo"):
+        cfg["prompt_len"] = cfg["seq"]
+    work = tmpdir()
+    assets = build_assets(cfg, work, kinds=KINDS[task])
+    peaks = matmul_peak(cfg["device"], cfg["threads"])
+    print(f"[{task}] matmul peak here: fp32 {peaks['fp32']:.3f}, bf16 {peaks['bf16']:.3f} TFLOP/s", flush=True)
+    sides = args.sides.split(",")
+    jobs = {s: {"task": task, "side": s, "cfg": cfg, "assets": assets} for s in sides}
+    results = interleaved(jobs, cfg["rounds"])
+
+    n_params = matmul_params(assets["classifier" if task == "reward" else "policy"])
+    online = task in ("grpo", "rloo")
+    rows_per_step = cfg["batch"] * (cfg.get("generations", 1) if online else 1)
+    pairs = 2 if task in ("reward", "dpo") else 1
+    # Training tokens per step: every token of every trained sequence (no padding in these batches);
+    # RL: prompt + generated tokens of every sample (the random policy rarely stops before max_new_tokens).
+    tokens = rows_per_step * pairs * (cfg["seq"] + cfg["new_tokens"] if online else cfg["seq"])
+    peak = peak_for(cfg["precision"], peaks) * 1e12
+    figures = {}
+    for s in sides:
+        r = results[s]
+        step = median_of(r, "step_s")
+        f = {
+            "step_s": step, "tokens_per_step": tokens, "tokens_per_s": tokens / step,
+            "mfu": 6 * n_params * tokens / step / peak, "peak_mib": median_of(r, "peak_mib"),
+            "peak_minus_import_mib": median_of(r, "peak_minus_import_mib"), "first_loss": median_of(r, "first_loss"),
+            "rounds": r,
+        }  # fmt: skip
+        if online:
+            f["phases"] = {k: median_of([x["phases"] for x in r], k) for k in r[0]["phases"]}
+            f["response_len"] = median_of(r, "response_len")
+            f["mfu_note"] = "6*N*(prompt+generated tokens)/step time; generation is inside the step, so this is low"
+        figures[s] = f
+    out = {"settings": cfg, "machine": machine(), "matmul_peak_tflops": peaks, "matmul_params": n_params,
+           "figures": figures}  # fmt: skip
+    if "ours" in figures and "trl" in figures:
+        o, t = figures["ours"], figures["trl"]
+        out["ours_over_trl"] = {
+            "tokens_per_s": o["tokens_per_s"] / t["tokens_per_s"], "step_time": o["step_s"] / t["step_s"],
+            "peak_mib": o["peak_mib"] / t["peak_mib"],
+            "peak_minus_import_mib": o["peak_minus_import_mib"] / t["peak_minus_import_mib"],
+        }  # fmt: skip
+        if o["first_loss"] is not None and t["first_loss"] is not None:
+            diff = abs(o["first_loss"] - t["first_loss"]) / abs(t["first_loss"])
+            out["first_loss_check"] = {"ours": o["first_loss"], "trl": t["first_loss"], "rel_diff": diff,
+                                       "rtol": LOSS_RTOL, "ok": diff <= LOSS_RTOL}  # fmt: skip
+            print(f"[{task}] first-batch loss: ours {o['first_loss']:.6f}  TRL {t['first_loss']:.6f}  "
+                  f"rel diff {diff:.2e} ({'OK' if diff <= LOSS_RTOL else 'MISMATCH'})")  # fmt: skip
+    write_report(task, args.out, out, table(task, out))
+    return out
+
+
+def table(task: str, out: dict) -> str:
+    cfg, fig = out["settings"], out["figures"]
+    online = task in ("grpo", "rloo")
+    head = (f"{task}: h{cfg['hidden']}/{cfg['layers']} layers/V{cfg['vocab']}, batch {cfg['batch']}, seq {cfg['seq']}"
+            + (f", {cfg['generations']} samples x {cfg['new_tokens']} new tokens, beta {cfg['beta']}" if online else "")
+            + f", precision {cfg['precision']}, {cfg['device']} x{cfg['threads']} threads, "
+            f"{cfg['steps']} timed steps x {cfg['rounds']} rounds")  # fmt: skip
+    cols = ["side", "s/step", "tokens/s", "MFU", "peak MiB", "peak - imports MiB", "first loss"]
+    if online:
+        cols[-1:] = ["generate s", "score s", "rest s", "mean response len"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for s, f in fig.items():
+        name = "lightning-rlhf" if s == "ours" else f"TRL {TRL_NAME[task]}"
+        row = [name, fmt(f["step_s"]), fmt(f["tokens_per_s"], ".0f"), fmt(100 * f["mfu"], ".1f") + "%",
+               fmt(f["peak_mib"], ".0f"), fmt(f["peak_minus_import_mib"], ".0f")]  # fmt: skip
+        if online:
+            ph = f["phases"]
+            row += [fmt(ph.get("generate")), fmt(ph.get("score")), fmt(ph.get("rest")), fmt(f["response_len"])]
+        else:
+            row.append(fmt(f["first_loss"], ".6f"))
+        lines.append("| " + " | ".join(row) + " |")
+    if "ours_over_trl" in out:
+        r = out["ours_over_trl"]
+        lines += ["", f"ours/TRL: tokens/s {r['tokens_per_s']:.2f}x, step time {r['step_time']:.2f}x, "
+                  f"peak memory {r['peak_mib']:.2f}x (minus imports {r['peak_minus_import_mib']:.2f}x)"]  # fmt: skip
+    return "\n".join(lines)

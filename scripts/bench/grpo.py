@@ -1,0 +1,12 @@
+"""GRPO (group-normalised advantages, k3 KL in the loss) vs TRL's GRPOTrainer; both on their built-in
+transformers-model generation (ours: its KV-cache sampler; TRL: model.generate), no vLLM.
+
+    python scripts/bench/grpo.py [--size mid|small] [--device cpu|cuda] [--precision 32|bf16-mixed] [--rounds 2]
+
+Writes scripts/bench/results/grpo.json and grpo.md (see common.py for the figures and MFU).
+"""
+
+from compare import parser, run
+
+if __name__ == "__main__":
+    run("grpo", parser("grpo", __doc__).parse_args())

@@ -1,0 +1,90 @@
+"""Regenerate README's "Comparison with TRL" table from scripts/bench/results/*.json.
+
+    python scripts/bench/readme_table.py [--results DIR] [--readme README.md] [--check]
+
+Replaces the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in the README;
+``--check`` only says whether the README is up to date (exit 1 if not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common import RESULTS, ROOT
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+ORDER = ("sft", "reward", "dpo", "grpo", "rloo", "ppo", "scaling")
+TRL = {"sft": "SFTTrainer", "reward": "RewardTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def table(results: Path) -> str:
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+    cmp_rows, other = [], []
+    machine = None
+    for name in ORDER:
+        r = runs.get(name)
+        if r is None:
+            continue
+        machine = machine or r.get("machine")
+        if name in TRL and "ours_over_trl" in r:
+            s, f, q = r["settings"], r["figures"], r["ours_over_trl"]
+            online = name in ("grpo", "rloo")
+            shape = (f"{s['batch']} prompts x {s['generations']} samples, {s['seq']}+{s['new_tokens']} tokens"
+                     if online else f"batch {s['batch']} x seq {s['seq']}")  # fmt: skip
+            check = r.get("first_loss_check")
+            loss = "-" if not check else f"{check['ours']:.5f} / {check['trl']:.5f} ({'same' if check['ok'] else 'DIFFERENT'})"
+            cmp_rows.append(
+                f"| {name} vs TRL {TRL[name]} | h{s['hidden']}/{s['layers']}L/V{s['vocab']}, {shape}, {'fp32' if s['precision'] == '32' else s['precision']} "
+                f"| {f['ours']['tokens_per_s']:.0f} / {f['trl']['tokens_per_s']:.0f} (**{q['tokens_per_s']:.2f}x**) "
+                f"| {q['step_time']:.2f}x | {_pct(f['ours']['mfu'])} / {_pct(f['trl']['mfu'])} "
+                f"| {f['ours']['peak_mib']:.0f} / {f['trl']['peak_mib']:.0f} ({q['peak_mib']:.2f}x; net {q['peak_minus_import_mib']:.2f}x) "
+                f"| {loss} | `{r['command']}` |"
+            )  # fmt: skip
+        elif "summary" in r:
+            other.append(f"| {name} | {r['summary']} | `{r['command']}` |")
+    if machine is None:
+        return "(no results yet: run `python scripts/bench/run_all.py`)"
+    peaks = next(iter(runs.values())).get("matmul_peak_tflops", {})
+    lines = [
+        f"Machine: {machine.get('gpu') or machine.get('cpu')} ({machine.get('cpu_count')} cores, load "
+        f"{machine.get('load_avg_1m_at_start', 0):.1f} at start), torch {machine.get('torch')}, transformers "
+        f"{machine.get('transformers')}, TRL {machine.get('trl')}. Measured matmul peak: fp32 "
+        f"{peaks.get('fp32', 0) * 1e3:.0f} GFLOP/s, bf16 {peaks.get('bf16', 0) * 1e3:.0f} GFLOP/s (one thread).",
+        "",
+        "| comparison | model, batch | tokens/s ours / TRL (ratio) | step time ours/TRL | MFU ours / TRL "
+        "| peak MiB ours / TRL | first-batch loss ours / TRL | command |",
+        "|---|---|---|---|---|---|---|---|",
+        *cmp_rows,
+    ]
+    if other:
+        lines += ["", "| benchmark | result | command |", "|---|---|---|", *other]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args()
+    text = args.readme.read_text()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"{args.readme}: no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n{table(args.results)}\n{END}{tail}"
+    if args.check:
+        sys.exit(0 if new == text else "README's benchmark table is out of date: run scripts/bench/readme_table.py")
+    args.readme.write_text(new)
+    print(f"updated {args.readme}")
+
+
+if __name__ == "__main__":
+    main()

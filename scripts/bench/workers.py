@@ -1,0 +1,302 @@
+"""One benchmark side in this (fresh) process: ``python workers.py '<job json>'``.
+
+A job is ``{"task": sft|reward|dpo|grpo|rloo|ppo, "side": ours|trl, "cfg": {...}, "assets": {...}}``
+(see ``common.py``). Trains ``warmup + steps`` optimiser steps, times each step, and prints one JSON
+line: ``step_s`` (median timed step), ``step_times``, ``first_loss`` (loss of the first batch, before
+any update), ``peak_mib`` / ``peak_minus_import_mib`` (CPU RSS high-water mark; GPU allocator
+peak), and for the RL tasks ``phases`` (median seconds per step of generate / score / rest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+
+def rss_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class StepTimes:
+    """Wall time of each optimiser step (synchronised on GPU)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.times: list[float] = []
+        self.phases: list[dict[str, float]] = []
+        self._t = 0.0
+
+    def _sync(self):
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def start(self):
+        self._sync()
+        self._t = time.perf_counter()
+
+    def stop(self):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t)
+
+
+def summary(times: StepTimes, warmup: int, first_loss: float | None, base_rss: float, device: str, **extra) -> dict:
+    timed = times.times[warmup:]
+    out = {"step_s": statistics.median(timed), "step_times": timed, "first_loss": first_loss, **extra}
+    if device == "cuda":
+        import torch
+
+        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_minus_import_mib"] = out["peak_mib"]
+    else:
+        out["peak_mib"] = rss_peak_mib()
+        out["peak_minus_import_mib"] = out["peak_mib"] - base_rss
+    if times.phases:
+        ph = times.phases[warmup:]
+        out["phases"] = {k: statistics.median(p.get(k, 0.0) for p in ph) for k in ph[0]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ ours
+
+
+def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
+    import lightning as L
+    import torch
+
+    from lightning_rlhf.data import RLHFDataModule
+    from lightning_rlhf.stages import DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
+    from lightning_rlhf.stages.common import OptimSpec
+
+    torch.set_num_threads(cfg["threads"])
+    optim = OptimSpec(learning_rate=1e-5, scheduler="constant", max_grad_norm=1.0)
+    times = StepTimes(cfg["device"])
+    first: dict = {}
+    n_steps = cfg["warmup"] + cfg["steps"]
+    online = task in ("grpo", "rloo", "ppo")
+
+    if task == "sft":
+        module, data = SFTModule(assets["policy"], optim=optim), assets["sft"]
+    elif task == "reward":
+        module, data = RewardModule(assets["classifier"], optim=optim), assets["preference"]
+    elif task == "dpo":
+        module = DPOModule(assets["policy"], reference=assets["reference"], optim=optim, loss_type="sigmoid", beta=0.1)
+        data = assets["preference"]
+    else:
+        from lightning_rlhf.rollout import GenerationSpec
+
+        common = dict(
+            reward_functions=["lightning_rlhf.demo.rewards.gold_reward"], optim=optim, log_samples_every_n_steps=0,
+            generation=GenerationSpec(max_new_tokens=cfg["new_tokens"], temperature=1.0),
+        )  # fmt: skip
+        if task == "ppo":
+            from lightning_rlhf.models import LoraSpec, ModelSpec
+
+            lora = LoraSpec(r=16, alpha=32) if cfg.get("lora") else None
+            module = PPOModule(ModelSpec(path=assets["policy"], lora=lora), share_backbone=bool(cfg.get("lora")),
+                               ppo_epochs=1, kl_coef=0.05, **common)  # fmt: skip
+        else:
+            module = GRPOModule(
+                assets["policy"], num_generations=cfg["generations"], beta=cfg["beta"],
+                advantage_estimator="rloo" if task == "rloo" else "grpo",
+                kl_in_reward=task == "rloo", loss_agg="seq_mean_token_mean" if task == "grpo" else "token_mean",
+                **common,
+            )  # fmt: skip
+        data = assets["prompt"]
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            times.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            times.stop()
+            if online:
+                m = trainer.callback_metrics
+                ph = {k: float(m[f"time/{k}"]) for k in ("generate", "score", "forward", "train") if f"time/{k}" in m}
+                times.phases.append(ph | {"rest": times.times[-1] - ph.get("generate", 0) - ph.get("score", 0)})
+                if "rollout/response_len" in m:
+                    first.setdefault("response_lens", []).append(float(m["rollout/response_len"]))
+            elif not first:
+                first["loss"] = float(outputs["loss"])
+
+    dm = RLHFDataModule(data, batch_size=cfg["batch"], max_length=cfg["seq"] + 8,
+                        max_prompt_length=cfg["seq"], shuffle=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator=cfg["device"], devices=1, precision=cfg["precision"], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Timer()], max_epochs=1, limit_train_batches=n_steps, num_sanity_val_steps=0,
+        **({} if online else {"max_steps": n_steps}),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return summary(times, cfg["warmup"], first.get("loss"), base_rss, cfg["device"],
+                   response_len=first["response_lens"][-1] if first.get("response_lens") else None)
+
+
+# ------------------------------------------------------------------------------------------ TRL
+
+
+def trl_side(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
+    import datasets
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+
+    torch.set_num_threads(cfg["threads"])
+    times = StepTimes(cfg["device"])
+    first: dict = {}
+    n_steps = cfg["warmup"] + cfg["steps"]
+    tok = AutoTokenizer.from_pretrained(assets["policy"] if task != "reward" else assets["classifier"])
+    common = dict(
+        output_dir=os.path.join(os.path.dirname(assets["policy"]), f"trl-{task}"), max_steps=n_steps,
+        per_device_train_batch_size=cfg["batch"], gradient_accumulation_steps=1, learning_rate=1e-5,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+        max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, report_to="none", save_strategy="no",
+        use_cpu=cfg["device"] == "cpu", bf16=cfg["precision"].startswith("bf16"), disable_tqdm=True,
+        dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            times.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.stop()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and "loss" not in first:
+                first["loss"] = float(logs["loss"])
+            if logs and "completions/mean_length" in logs:
+                first["response_len"] = float(logs["completions/mean_length"])
+
+    def load(path, cls=AutoModelForCausalLM):
+        return cls.from_pretrained(path, dtype=torch.float32)
+
+    def records(path):
+        with open(path) as f:
+            return datasets.Dataset.from_list([json.loads(line) for line in f])
+
+    def sequential(cls):
+        # Same order as ours (shuffle off), so that the first batch -- and its loss -- is the same.
+        class Sequential(cls):
+            def _get_train_sampler(self, *a, **k):
+                return SequentialSampler(self.train_dataset)
+
+        return Sequential
+
+    if task == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(max_length=cfg["seq"] + 8, packing=False, completion_only_loss=True, **common)
+        trainer = sequential(SFTTrainer)(model=load(assets["policy"]), args=args, train_dataset=records(assets["sft"]),
+                                         processing_class=tok)  # fmt: skip
+    elif task == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        args = RewardConfig(max_length=cfg["seq"] + 8, center_rewards_coefficient=None, **common)
+        trainer = sequential(RewardTrainer)(
+            model=load(assets["classifier"], AutoModelForSequenceClassification), args=args,
+            train_dataset=records(assets["preference"]), processing_class=tok,
+        )  # fmt: skip
+    elif task == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(max_length=cfg["seq"] + 8, loss_type=["sigmoid"], beta=0.1, **common)
+        trainer = sequential(DPOTrainer)(
+            model=load(assets["policy"]), ref_model=load(assets["reference"]), args=args,
+            train_dataset=records(assets["preference"]), processing_class=tok,
+        )  # fmt: skip
+    elif task in ("grpo", "rloo"):
+        from lightning_rlhf.demo.rewards import gold_reward
+
+        timing = {"generate": 0.0, "score": 0.0}
+
+        def reward(prompts, completions, **kw):
+            t = time.perf_counter()
+            out = gold_reward(prompts, completions)
+            timing["score"] += time.perf_counter() - t
+            return out
+
+        reward.__name__ = "gold_reward"
+        rows = cfg["batch"] * cfg["generations"]
+        rl = dict(common, per_device_train_batch_size=rows, num_generations=cfg["generations"],
+                  max_completion_length=cfg["new_tokens"], temperature=1.0, top_p=1.0, top_k=0, beta=cfg["beta"],
+                  num_iterations=1, steps_per_generation=1, log_completions=False)  # fmt: skip
+        if task == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+
+            args = GRPOConfig(loss_type="grpo", scale_rewards="group", **rl)
+            cls = GRPOTrainer
+        else:
+            from trl import RLOOConfig, RLOOTrainer
+
+            args = RLOOConfig(**rl)
+            cls = RLOOTrainer
+        trainer = cls(model=assets["policy"], reward_funcs=[reward], args=args,
+                      train_dataset=records(assets["prompt"]), processing_class=tok)  # fmt: skip
+        model = trainer.model
+        gen = model.generate
+
+        def timed_generate(*a, **k):
+            t = time.perf_counter()
+            try:
+                return gen(*a, **k)
+            finally:
+                timing["generate"] += time.perf_counter() - t
+
+        model.generate = timed_generate
+
+        class PhaseTimer(Timer):
+            def on_step_begin(self, args, state, control, **kw):
+                timing.update(generate=0.0, score=0.0)
+                super().on_step_begin(args, state, control, **kw)
+
+            def on_step_end(self, args, state, control, **kw):
+                super().on_step_end(args, state, control, **kw)
+                # TRL generates inside the step (``_prepare_inputs``), so the step time holds every phase.
+                times.phases.append(dict(timing, rest=times.times[-1] - timing["generate"] - timing["score"]))
+
+        trainer.add_callback(PhaseTimer())
+        trainer.train()
+        return summary(times, cfg["warmup"], None, base_rss, cfg["device"], response_len=first.get("response_len"))
+    else:
+        raise ValueError(f"no TRL side for task {task!r}")
+    trainer.add_callback(Timer())
+    trainer.train()
+    return summary(times, cfg["warmup"], first.get("loss"), base_rss, cfg["device"])
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    import torch  # noqa: F401  (imports count towards the baseline, not the peak)
+    import transformers  # noqa: F401
+
+    if job["side"] == "trl":
+        import trl  # noqa: F401
+    else:
+        import lightning  # noqa: F401
+
+        import lightning_rlhf.stages  # noqa: F401
+    base = current_rss_mib()
+    fn = ours if job["side"] == "ours" else trl_side
+    res = fn(job["task"], job["cfg"], job["assets"], base)
+    res["import_rss_mib"] = base
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
