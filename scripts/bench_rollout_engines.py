@@ -11,6 +11,7 @@ Models (``--models``, comma-separated):
   config so that it can be saved as a Hugging Face folder).
 
     OMP_NUM_THREADS=2 PYTHONPATH=. python scripts/bench_rollout_engines.py               # CPU
+    OMP_NUM_THREADS=2 PYTHONPATH=. python scripts/bench_rollout_engines.py --models smollm2 --generate-only
     PYTHONPATH=. python scripts/bench_rollout_engines.py --device cuda --vllm-dtype bfloat16 \\
         --prompts 64 --num-generations 8 --max-new-tokens 128                            # one GPU
 """
@@ -149,6 +150,43 @@ def run(policy: Path, engine: str, args, device: str) -> dict:
     }
 
 
+def run_generate_only(policy: Path, args, device: str) -> list[dict]:
+    """Generation alone, both engines on the same prompts: tokens/s (EOS stops on; medians of
+    ``--steps`` rounds after one warm-up)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_rlhf.rollout import generate
+    from lightning_rlhf.rollout.generate import VLLMSpec
+    from lightning_rlhf.rollout.vllm_engine import VLLMEngine
+
+    tok = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy, torch_dtype=torch.float32).to(device).eval()
+    texts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()[: args.prompts]]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, num_samples=args.num_generations,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    start = time.perf_counter()
+    engine = VLLMEngine(model, VLLMSpec(dtype=args.vllm_dtype, max_model_len=512), seed=0)
+    start_s = time.perf_counter() - start
+    sync_s = engine.sync_weights(model)
+    out = []
+    for name, fn in (
+        ("hf", lambda g: generate(model, ids, mask, generator=g, **kw)),
+        ("vllm", lambda g: engine.generate(ids, mask, generator=g, **kw)),
+    ):
+        rates = []
+        for i in range(args.steps + 1):
+            g = torch.Generator(device=device).manual_seed(i)
+            t = time.perf_counter()
+            r = fn(g)
+            if i:  # the first round warms up
+                rates.append(float(r.response_mask.sum()) / (time.perf_counter() - t))
+        out.append({"engine": name, "gen_tokens_per_s": statistics.median(rates)})
+    out[1].update(engine_start_s=start_s, weight_sync_s=sync_s)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,6 +205,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--generate-only", action="store_true", help="tokens/s of generation alone, no GRPO step"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -174,6 +215,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             policy = build_model_dir(name, Path(tmp))
+            if args.generate_only:
+                res = run_generate_only(policy, args, args.device)
+                print(json.dumps({"model": name, "results": res}), flush=True)
+                ratio = res[1]["gen_tokens_per_s"] / res[0]["gen_tokens_per_s"]
+                print(f"| {name} | hf {res[0]['gen_tokens_per_s']:.0f} tok/s | vllm {res[1]['gen_tokens_per_s']:.0f} "
+                      f"tok/s | vllm/hf {ratio:.2f}x | sync {res[1]['weight_sync_s']:.2f} s |")  # fmt: skip
+                continue
             for engine in args.engines.split(","):
                 r = {"model": name, **run(policy, engine, args, args.device)}
                 results.append(r)

@@ -262,12 +262,15 @@ def sample_next(
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
+        logprobs = logits.log_softmax(-1)
     else:
         logits = logits / temperature
-        probs = filter_logits(logits, top_k, top_p).softmax(-1)  # the one (N, V) softmax
+        # log_softmax, not logits - logsumexp: the recorded log-probs must be bit-identical to the
+        # training forward's (evaluation's KL to itself is exactly 0)
+        logprobs = logits.log_softmax(-1)
+        probs = filter_logits(logits, top_k, top_p).softmax(-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    # log-prob of the sampled token only: a logsumexp reduction, no (N, V) log-softmax written
-    return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
