@@ -260,8 +260,18 @@ def run_stage(stage: StageSpec, output_dir: Path, group: str, project: str) -> d
 
 
 def _model_path(name_or_path: str, output_dir: Path) -> Path:
+    """A stage's output folder, a model folder, or the cached snapshot of a Hub id (``org/name``)."""
+    from .hub import HubNameError, is_hub_name, snapshot
+
     p = stage_dir(output_dir, name_or_path)
-    return p if p.exists() else Path(name_or_path)
+    if p.exists():
+        return p
+    if "/" in name_or_path and is_hub_name(name_or_path):
+        try:
+            return Path(snapshot(name_or_path))
+        except HubNameError as e:
+            print(f"[evaluate] {e}")
+    return Path(name_or_path)
 
 
 def evaluate_models(spec: EvalSpec, output_dir: Path) -> dict:

@@ -64,6 +64,9 @@ def test_model_and_data_hub_ids_resolve_offline_from_the_cache(hf_home, tiny_mod
         L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False).fit(m, datamodule=dm)
         assert len(dm.train_examples) == 2
+        from pathlib import Path
+        from lightning_rlhf.pipeline import _model_path
+        assert (_model_path("tiny-org/tiny-llama", Path("outputs")) / "config.json").exists()  # pipeline evaluation
         print("OK")
     """)
     env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",

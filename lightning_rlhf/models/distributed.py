@@ -94,16 +94,21 @@ def shard_fsdp2(model: nn.Module, device_mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = _data_parallel_mesh(device_mesh)
+    for module in fsdp_units(model):
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules sharded on their own: instances of the transformers model's ``_no_split_modules``
+    classes (its decoder layers), under a peft wrapper too."""
     hf = getattr(model, "base_model", model)
     hf = getattr(hf, "model", hf) if hasattr(model, "peft_config") else hf
     no_split = set(getattr(hf, "_no_split_modules", None) or getattr(model, "_no_split_modules", None) or [])
     if not no_split:
         raise ValueError(f"{type(model).__name__} declares no `_no_split_modules`: cannot choose FSDP2 units")
-    for module in model.modules():
-        if type(module).__name__ in no_split:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return [m for m in model.modules() if type(m).__name__ in no_split]
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -55,13 +55,14 @@ class ValueHead(nn.Module):
 
 def _score_head(model: nn.Module) -> nn.Module:
     hf = hf_model(model)
-    head = getattr(hf, "score", None)
-    if not isinstance(head, nn.Module):
-        raise ValueError(
-            f"sequence_values: {type(hf).__name__} has no `score` head; the critic must be a one-label "
-            "AutoModelForSequenceClassification of a decoder model"
-        )
-    return head
+    for attr in ("score", "classifier"):  # the head's name differs across families (as in rollout.scoring)
+        head = getattr(hf, attr, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(
+        f"sequence_values: {type(hf).__name__} has no `score` (or `classifier`) head; the critic must be a "
+        "one-label AutoModelForSequenceClassification of a decoder model"
+    )
 
 
 @contextlib.contextmanager
@@ -69,6 +70,17 @@ def _capture_output(module: nn.Module) -> Iterator[list]:
     """Collect what ``module`` returns during the block (a forward hook, removed after)."""
     captured: list = []
     handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _capture_input(module: nn.Module) -> Iterator[list]:
+    """Collect the first positional input of ``module`` during the block (a forward pre-hook)."""
+    captured: list = []
+    handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
         yield captured
     finally:
@@ -127,8 +139,11 @@ def logprobs_and_values(
         ``(logprobs, entropy | None, values)``, each ``(B, T-1)`` fp32 (or the last
         ``logits_to_keep`` columns), aligned column by column.
     """
-    backbone = hf_model(policy).base_model  # e.g. LlamaModel: its output is the final-norm hidden state
-    with _capture_output(backbone) as captured:
+    # The LM head's input is the final hidden state (after the final norm, and e.g. OPT's project_out),
+    # whatever the family: hooking the backbone module instead misses models whose forward calls an
+    # inner module directly (OPTForCausalLM runs ``model.decoder``, not ``model``).
+    lm_head = hf_model(policy).get_output_embeddings()
+    with _capture_input(lm_head) as captured:
         logprobs, entropy = sequence_logprobs(
             policy,
             input_ids,
@@ -138,9 +153,7 @@ def logprobs_and_values(
             return_entropy=return_entropy,
             logits_to_keep=logits_to_keep,
         )
-    out = captured[-1]
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
-    hidden = hidden[:, :-1]  # (B, T-1, H): position t predicts token t+1
+    hidden = captured[-1][:, :-1]  # (B, T-1 | k, H): position t predicts token t+1
     if logits_to_keep > 0:
         hidden = hidden[:, -logits_to_keep:]
     return logprobs, entropy, value_head(hidden)
