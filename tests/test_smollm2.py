@@ -242,12 +242,14 @@ def test_antonym_data_is_deterministic_disjoint_and_committed(repo_root, tmp_pat
     words = {name: {antonyms.word_of(r["prompt"]) for r in rs} for name, rs in recs.items()}
     assert len(recs["prompts_eval"]) == 2 * antonyms.N_EVAL_PAIRS
     assert not words["prompts_eval"] & words["prompts_train"]  # held-out words never trained on
-    every_pair = {frozenset((a, b)) for a, b, _ in antonyms.PAIRS}
+    every_pair = {frozenset((a, b)) for a, b, *_ in antonyms.PAIRS}
     assert len(every_pair) == len(antonyms.PAIRS)  # no pair listed twice
-    for rs in recs.values():  # the worked example's answer is right, and so is each record's first answer
+    opposite = {a: {b, *alts_a} for a, b, alts_a, _ in antonyms.PAIRS}
+    opposite.update({b: {a, *alts_b} for a, b, _, alts_b in antonyms.PAIRS})
+    for rs in recs.values():  # each record accepts exactly the listed opposites of its own word
         for r in rs:
             word = antonyms.word_of(r["prompt"])
-            assert any(word in (a, b) and r["answers"][0] in (a, b) for a, b, _ in antonyms.PAIRS)
+            assert set(r["answers"]) == opposite[word] and word not in r["answers"]
     antonyms.write_data(tmp_path)
     for name in recs:  # the committed files are what the generator writes
         shipped = repo_root / "data" / "examples" / "antonyms" / f"{name}.jsonl"

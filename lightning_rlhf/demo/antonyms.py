@@ -26,26 +26,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# (word, opposite, other accepted answers for either direction)
-PAIRS: list[tuple[str, str, tuple[str, ...]]] = [
-    ("hot", "cold", ("cool", "chilly")), ("big", "small", ("little", "tiny")), ("up", "down", ()),
-    ("fast", "slow", ()), ("happy", "sad", ("unhappy",)), ("day", "night", ()), ("open", "closed", ("shut",)),
-    ("light", "dark", ("heavy",)), ("old", "new", ("young",)), ("high", "low", ()), ("hard", "soft", ("easy",)),
-    ("early", "late", ()), ("rich", "poor", ()), ("full", "empty", ()), ("win", "lose", ()),
-    ("left", "right", ()), ("black", "white", ()), ("wet", "dry", ()), ("love", "hate", ()),
-    ("start", "finish", ("end", "stop")), ("good", "bad", ("evil",)), ("yes", "no", ()), ("in", "out", ()),
-    ("on", "off", ()), ("near", "far", ()), ("long", "short", ()), ("thick", "thin", ()), ("strong", "weak", ()),
-    ("clean", "dirty", ()), ("loud", "quiet", ("silent", "soft")), ("true", "false", ()), ("push", "pull", ()),
-    ("buy", "sell", ()), ("give", "take", ("receive",)), ("alive", "dead", ()), ("friend", "enemy", ("foe",)),
-    ("sweet", "sour", ("bitter", "salty")), ("first", "last", ()), ("before", "after", ()), ("above", "below", ("under", "beneath")),
-    ("inside", "outside", ()), ("top", "bottom", ()), ("front", "back", ("rear",)), ("north", "south", ()),
-    ("east", "west", ()), ("summer", "winter", ()), ("boy", "girl", ()), ("man", "woman", ()), ("king", "queen", ()),
-    ("question", "answer", ()), ("wide", "narrow", ()), ("deep", "shallow", ()), ("cheap", "expensive", ("costly", "dear")),
-    ("safe", "dangerous", ("unsafe",)), ("brave", "cowardly", ("afraid", "scared", "fearful", "timid")),
-    ("remember", "forget", ()), ("arrive", "leave", ("depart",)), ("laugh", "cry", ()), ("sick", "healthy", ("well",)),
-    ("awake", "asleep", ()), ("begin", "end", ("finish",)), ("smooth", "rough", ()), ("polite", "rude", ("impolite",)),
-    ("success", "failure", ()), ("peace", "war", ()), ("morning", "evening", ("night",)), ("more", "less", ("fewer",)),
-    ("always", "never", ()), ("accept", "reject", ("refuse", "decline")), ("increase", "decrease", ("reduce",)),
+# (word, opposite, other accepted opposites of word, other accepted opposites of opposite)
+PAIRS: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
+    ("hot", "cold", ("cool", "chilly"), ("warm",)), ("big", "small", ("little", "tiny"), ("large",)),
+    ("up", "down", (), ()), ("fast", "slow", (), ()), ("happy", "sad", ("unhappy",), ()), ("day", "night", (), ()),
+    ("open", "closed", ("shut",), ()), ("light", "dark", ("heavy",), ()), ("old", "new", ("young",), ()),
+    ("high", "low", (), ()), ("hard", "soft", ("easy",), ()), ("early", "late", (), ()), ("rich", "poor", (), ()),
+    ("full", "empty", (), ()), ("win", "lose", (), ()), ("left", "right", (), ()), ("black", "white", (), ()),
+    ("wet", "dry", (), ()), ("love", "hate", (), ()), ("start", "finish", ("end", "stop"), ("begin",)),
+    ("good", "bad", ("evil",), ()), ("yes", "no", (), ()), ("in", "out", (), ()), ("on", "off", (), ()),
+    ("near", "far", (), ()), ("long", "short", (), ()), ("thick", "thin", (), ()), ("strong", "weak", (), ()),
+    ("clean", "dirty", (), ()), ("loud", "quiet", ("silent", "soft"), ()), ("true", "false", (), ()),
+    ("push", "pull", (), ()), ("buy", "sell", (), ()), ("give", "take", ("receive",), ()), ("alive", "dead", (), ()),
+    ("friend", "enemy", ("foe",), ()), ("sweet", "sour", ("bitter", "salty"), ()), ("first", "last", (), ()),
+    ("before", "after", (), ()), ("above", "below", ("under", "beneath"), ()), ("inside", "outside", (), ()),
+    ("top", "bottom", (), ()), ("front", "back", ("rear",), ()), ("north", "south", (), ()), ("east", "west", (), ()),
+    ("summer", "winter", (), ()), ("boy", "girl", (), ()), ("man", "woman", (), ()), ("king", "queen", (), ()),
+    ("question", "answer", (), ()), ("wide", "narrow", (), ()), ("deep", "shallow", (), ()),
+    ("cheap", "expensive", ("costly", "dear"), ()), ("safe", "dangerous", ("unsafe",), ()),
+    ("brave", "cowardly", ("afraid", "scared", "fearful", "timid"), ()), ("remember", "forget", (), ()),
+    ("arrive", "leave", ("depart",), ()), ("laugh", "cry", (), ()), ("sick", "healthy", ("well",), ("ill",)),
+    ("awake", "asleep", (), ()), ("begin", "end", ("finish",), ("start",)), ("smooth", "rough", (), ()),
+    ("polite", "rude", ("impolite",), ()), ("success", "failure", (), ()), ("peace", "war", (), ()),
+    ("morning", "evening", ("night",), ()), ("more", "less", ("fewer",), ()), ("always", "never", (), ()),
+    ("accept", "reject", ("refuse", "decline"), ()), ("increase", "decrease", ("reduce",), ()),
 ]  # fmt: skip
 EXAMPLE = ("tall", "Short")
 N_EVAL_PAIRS = 20
@@ -76,9 +80,9 @@ def prompt_messages(word: str) -> list[dict]:
 def directed(pairs) -> list[tuple[str, list[str]]]:
     """Both directions of each pair, with their accepted answers."""
     out = []
-    for a, b, alts in pairs:
-        out.append((a, [b, *alts]))
-        out.append((b, [a, *alts]))
+    for a, b, alts_a, alts_b in pairs:
+        out.append((a, [b, *alts_a]))
+        out.append((b, [a, *alts_b]))
     return out
 
 
