@@ -62,7 +62,9 @@ FSDP2 over ``N`` GPUs (``--fsdp``) divides every model's weights, gradients and 
 the root). It adds the unsharded working set: the root's parameters (embeddings, final norm, head:
 the root stays gathered between its forward and backward) and two decoder layers (the one computing
 and the prefetched one) of the largest model, in ``dtype``. Activations are not sharded: each GPU
-runs its own micro-batch. DDP (``--gpus N`` without ``--fsdp``) replicates everything.
+runs its own micro-batch. DDP (``--gpus N`` without ``--fsdp``) replicates everything. (Sharding the
+frozen models is what ``StageModule.shard`` is for; a stage that leaves a frozen model unsharded
+pays its full weights on every GPU.)
 
 What it leaves out: the CUDA context and allocator fragmentation (budget ~1-3 GiB per GPU), temporary
 buffers of the optimizer step, NCCL buffers, a colocated vLLM engine's own memory.
@@ -548,7 +550,7 @@ def readme_table(models: tuple[str, ...] = ("llama-2-7b", "llama-3-70b"), gpus: 
                     r = by.get(role)
                     if r is None:
                         return ""
-                    return f"{r.total / GiB:.1f}" if r.total else r.kind
+                    return f"{r.total / GiB:.1f}" if r.total else r.kind.replace(" (no copy)", "")
 
                 out.append(
                     f"| {model} | {stage} | {how} | {cell('policy')} | {cell('reference')} | {cell('critic')} | "
@@ -569,3 +571,7 @@ __all__ = [
     "plan",
     "readme_table",
 ]
+
+
+if __name__ == "__main__":  # python -m lightning_rlhf.memory: the README's table
+    print(readme_table())
