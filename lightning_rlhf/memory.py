@@ -62,7 +62,9 @@ FSDP2 over ``N`` GPUs (``--fsdp``) divides every model's weights, gradients and 
 the root). It adds the unsharded working set: the root's parameters (embeddings, final norm, head:
 the root stays gathered between its forward and backward) and two decoder layers (the one computing
 and the prefetched one) of the largest model, in ``dtype``. Activations are not sharded: each GPU
-runs its own micro-batch. DDP (``--gpus N`` without ``--fsdp``) replicates everything.
+runs its own micro-batch. DDP (``--gpus N`` without ``--fsdp``) replicates everything. (Sharding the
+frozen models is what ``StageModule.shard`` is for; a stage that leaves a frozen model unsharded
+pays its full weights on every GPU.)
 
 What it leaves out: the CUDA context and allocator fragmentation (budget ~1-3 GiB per GPU), temporary
 buffers of the optimizer step, NCCL buffers, a colocated vLLM engine's own memory.
@@ -241,18 +243,27 @@ class Setup:
     """What is planned: a stage, how its models are trained, on how many GPUs, with what batch."""
 
     stage: str = "sft"
+    """``sft``, ``reward``, ``dpo``, ``ppo`` or ``grpo``."""
     lora: bool = False
+    """Train LoRA adapters on every decoder linear (``all-linear``) of a frozen base."""
     qlora: bool = False
+    """LoRA on a 4-bit NF4 base (implies ``lora``)."""
     lora_r: int = 16
+    """LoRA rank."""
     gpus: int = 1
+    """GPUs (processes) over all nodes."""
     fsdp: bool = False
+    """FSDP2 over ``gpus`` (else DDP: every GPU holds everything)."""
     dtype: str = "bf16"
+    """Compute dtype: ``bf16``/``fp16`` (mixed precision, fp32 master weights) or ``fp32``."""
     batch: int = 1
     """Micro-batch rows per GPU (DPO: preference pairs, i.e. 2x rows)."""
     seq: int = 1024
     """Tokens per row (prompt + response)."""
     gradient_checkpointing: bool = False
+    """Keep one hidden state per layer; recompute a layer at a time in the backward."""
     eager_attention: bool = False
+    """Attention scores are kept (no SDPA/flash kernel): adds ``2.5 * a * T`` elements per token."""
     share_backbone: bool = False
     """PPO: a value head on the policy instead of a separate critic."""
     reward_model: bool = True
@@ -262,6 +273,7 @@ class Setup:
     precompute_ref: bool = False
     """DPO: reference log-probs precomputed, reference freed (also: a reference-free loss)."""
     gpu_memory_gib: float = 80.0
+    """Memory of one GPU, for the fits check."""
 
     def __post_init__(self):
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -548,7 +560,7 @@ def readme_table(models: tuple[str, ...] = ("llama-2-7b", "llama-3-70b"), gpus: 
                     r = by.get(role)
                     if r is None:
                         return ""
-                    return f"{r.total / GiB:.1f}" if r.total else r.kind
+                    return f"{r.total / GiB:.1f}" if r.total else r.kind.replace(" (no copy)", "")
 
                 out.append(
                     f"| {model} | {stage} | {how} | {cell('policy')} | {cell('reference')} | {cell('critic')} | "
@@ -569,3 +581,7 @@ __all__ = [
     "plan",
     "readme_table",
 ]
+
+
+if __name__ == "__main__":  # python -m lightning_rlhf.memory: the README's table
+    print(readme_table())

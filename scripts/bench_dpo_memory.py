@@ -14,7 +14,10 @@ Variants (each in a fresh subprocess, so one's allocations never count towards a
 The model is a Llama built from config (random weights, fp32, no download); batches are random
 token ids, ``batch`` pairs of ``seq`` tokens (the first quarter prompt). Peak memory is the process's
 resident-set high-water mark (``ru_maxrss``) after the training steps, measured on CPU. Prints a
-table with each variant's peak, its ratio to ``copy``, and seconds per step.
+table with each variant's peak, its ratio to ``copy``, and seconds per step, and the memory
+planner's figure for the variant (``lightning_rlhf.memory``, fp32, one device) as planned / net.
+Run it with ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment to have glibc return freed
+activations (see ``bench_ppo_memory.py``).
 """
 
 from __future__ import annotations
@@ -113,8 +116,14 @@ def worker(args) -> dict:
             optimizer.step()
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())
+    from lightning_rlhf.memory import ModelShape, Setup, plan
+
+    setup = Setup(stage="dpo", dtype="fp32", batch=args.batch, seq=args.seq, lora=variant == "lora", lora_r=16,
+                  precompute_ref=variant in ("precompute", "simpo"))  # fmt: skip
+    planned = plan(ModelShape.from_config(config.to_dict()), setup).total / 2**20
     return {
         "variant": variant,
+        "planned_mib": planned,
         "peak_rss_mib": _peak_rss_mib(),
         "baseline_mib": baseline,
         "peak_after_load_mib": after_load,
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     net_base = next((r["peak_rss_mib"] - r["baseline_mib"] for r in results if r["variant"] == "copy"), None)
     print(
         f"{'variant':<12}{'reference':<20}{'trainable':>10}{'peak RSS MiB':>14}{'vs copy':>9}"
-        f"{'net MiB':>9}{'vs copy':>9}{'s/step':>8}"
+        f"{'net MiB':>9}{'vs copy':>9}{'s/step':>8}{'planned':>9}{'planned/net':>12}"
     )
     refs = {
         "copy": "frozen copy",
@@ -179,6 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             f"{r['variant']:<12}{refs[r['variant']]:<20}{r['trainable_m']:>9.1f}M{r['peak_rss_mib']:>14.0f}"
             f"{r['peak_rss_mib'] / base:>9.2f}{net:>9.0f}{net / (net_base or net):>9.2f}{r['s_per_step']:>8.1f}"
+            f"{r['planned_mib']:>9.0f}{r['planned_mib'] / net:>12.2f}"
         )
     print("net = peak minus the process's RSS after imports (interpreter, torch, transformers)")
     if args.json:

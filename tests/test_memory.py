@@ -254,3 +254,12 @@ def test_cli_rejects_a_bad_model_with_one_clear_message(tmp_path, capsys):
     assert "config.json" in str(e.value.code) and "vocab_size" in str(e.value.code)
     with pytest.raises(PlanError, match="stage"):
         Setup(stage="rlhf")
+
+
+def test_readme_shows_the_planners_current_table():
+    from pathlib import Path
+
+    from lightning_rlhf.memory import readme_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert readme_table() in readme, "README's planner table is stale: python -m lightning_rlhf.memory"
