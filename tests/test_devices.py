@@ -28,6 +28,8 @@ ALLOWED = {
     ("data/collate.py", "pad"): "collators build CPU batches; Lightning moves them to the device",
     ("data/collate.py", "__call__"): "collators build CPU batches; Lightning moves them to the device",
     ("data/datamodule.py", "train_dataloader"): "a DataLoader's shuffling generator must be on the CPU",
+    ("rollout/vllm_engine.py", "generate"): "vLLM returns Python lists: the rows are assembled on the CPU "
+    "and moved to the device once",
     ("rollout/scoring.py", "__call__"): "Python reward functions' scores, moved to the device by the stage",
     ("stages/dpo.py", "precompute_reference_logps"): "the reference log-prob cache lives on the CPU; "
     "rows are moved to the device when read",
