@@ -31,6 +31,10 @@ class RewardFunctionError(UserError):
     """A reward function raised, or returned something else than one number (or None) per completion."""
 
 
+class NonFiniteError(UserError):
+    """A loss, gradient or weight is NaN or infinite (and the run was told to stop, or is about to save it)."""
+
+
 MODEL_FILES = ("config.json", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

@@ -6,6 +6,9 @@ import difflib
 import functools
 import inspect
 import math
+import os
+import shutil
+import tempfile
 import time
 import typing
 from dataclasses import asdict, dataclass, fields, is_dataclass
@@ -17,7 +20,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 
 
 @dataclass
@@ -38,6 +41,9 @@ class OptimSpec:
     """Final learning rate as a fraction of the peak (cosine and linear)."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping (None: off). Automatic stages pass it to the Trainer's clipping."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradients hold NaN/inf: ``skip`` it (no update; counted as
+    ``train/nonfinite_skipped``) or ``stop`` the run with a message. (SFT, reward model, DPO.)"""
 
 
 def build_optimizer(params, spec: OptimSpec) -> torch.optim.Optimizer:
@@ -192,7 +198,11 @@ class StageModule(LightningModule):
     def save_pretrained(self, out_dir: str | Path) -> Path | None:
         """Write the trained model and tokenizer as a Hugging Face folder.
 
-        Under FSDP2 every rank must call it (the full weights are gathered); rank 0 writes.
+        Never writes non-finite weights (raises :class:`~lightning_rlhf.errors.NonFiniteError`), and
+        writes atomically: the folder is written under a temporary name next to ``out_dir``, then each
+        file is renamed into place, ``config.json`` last, so a folder with a ``config.json`` always holds
+        the complete new model (a crash leaves the previous export or nothing). Under FSDP2 every rank
+        must call it (the full weights are gathered); rank 0 writes.
         """
         from ..models import save_pretrained
         from ..models.distributed import full_state_dict
@@ -201,7 +211,19 @@ class StageModule(LightningModule):
         state = full_state_dict(model)
         if self._trainer is not None and not self.trainer.is_global_zero:
             return None
-        return save_pretrained(model, out_dir, self.tokenizer, merge_lora=self.merge_lora, state_dict=state)
+        check_finite(state if state is not None else model.state_dict(), f"an export to {out_dir}")
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            save_pretrained(model, tmp, self.tokenizer, merge_lora=self.merge_lora, state_dict=state)
+            out.mkdir(exist_ok=True)
+            last = ("config.json", "adapter_config.json")
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name in last):
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
 
     def on_train_end(self) -> None:
         if self.output_dir:
@@ -210,6 +232,7 @@ class StageModule(LightningModule):
                 rank_zero_info(f"[{type(self).__name__}] saved the trained model to {path}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite(checkpoint.get("state_dict", {}), "a checkpoint")
         # Dataclass arguments as plain dicts: the checkpoint then loads with torch's weights_only=True.
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
@@ -221,6 +244,13 @@ class StageModule(LightningModule):
         return None if last is None else n_tokens / max(now - last, 1e-9)
 
 
+def check_finite(state: dict, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first floating tensor of ``state`` holding NaN/inf."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"refusing to write {what} with non-finite weights: {name} holds NaN or inf")
+
+
 class OfflineStageModule(StageModule):
     """A stage with one loss per batch (SFT, reward model, DPO): automatic optimisation of
     ``exported_model()``'s trainable parameters with ``self.optim``, the schedule stepped per
@@ -228,6 +258,32 @@ class OfflineStageModule(StageModule):
     ``gradient_clip_val`` says otherwise)."""
 
     optim: OptimSpec
+    nonfinite_skipped: int = 0
+    _loss_nonfinite: bool = False
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._loss_nonfinite = not bool(torch.isfinite(loss.detach()).all())
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # After backward, before clipping and the step: a NaN/inf loss or gradient on any rank skips
+        # the step on every rank (grads set to None: AdamW leaves those parameters and their state alone).
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        bad = self._loss_nonfinite or any(not bool(torch.isfinite(p.grad).all()) for p in params)
+        if self._trainer is not None:
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if bad:
+            if self.optim.nonfinite == "stop":
+                raise NonFiniteError(
+                    f"{type(self).__name__}: non-finite {'loss' if self._loss_nonfinite else 'gradients'} at step "
+                    f"{self.global_step} (optim.nonfinite='stop'); lower optim.learning_rate, check the data, or set "
+                    "optim.nonfinite: skip"
+                )
+            for p in params:
+                p.grad = None
+            self.nonfinite_skipped += 1
+        self._loss_nonfinite = False
+        if self._trainer is not None:
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
 
     def configure_optimizers(self):
         opt = build_optimizer(self.exported_model().parameters(), self.optim)
