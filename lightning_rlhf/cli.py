@@ -67,7 +67,7 @@ def _option_names(class_path: str) -> list[str]:
     if is_dataclass(cls):
         return [f.name for f in fields(cls)]
     try:
-        return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
     except (TypeError, ValueError):
         return []
 

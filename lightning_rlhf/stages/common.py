@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 import math
 import os
@@ -115,35 +114,17 @@ def as_dataclass(cls, value, where: str = ""):
     return cls(**{k: _coerce(hints.get(k), v, f"{where}.{k}" if where else k) for k, v in value.items()})
 
 
-def _normalising_specs(init):
-    """Wrap a stage's ``__init__`` so that every argument annotated with a dataclass accepts a dict (as
-    YAML does), and every model or tokenizer path is checked before anything is loaded."""
-    sig = inspect.signature(init)
-    hints_cache: list[dict] = []
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        from ..errors import check_model_path
-        from ..models.loader import ModelSpec
-
-        if not hints_cache:
-            hints_cache.append(typing.get_type_hints(init))
-        hints = hints_cache[0]
-        bound = sig.bind(self, *args, **kwargs)
-        owner = type(self).__name__
-        for name, value in list(bound.arguments.items())[1:]:
-            annotation = hints.get(name)
-            value = bound.arguments[name] = _coerce(annotation, value, f"{owner} {name}")
-            if ModelSpec in _dataclasses_in(annotation) and value is not None:
-                path = value.path if isinstance(value, ModelSpec) else value
-                option = f"{owner} {name}.path" if isinstance(value, ModelSpec) else f"{owner} {name}"
-                check_model_path(path, option)
-            elif name == "tokenizer" and isinstance(value, str):
-                check_model_path(value, f"{owner} tokenizer", tokenizer=True)
-        init(*bound.args, **bound.kwargs)
-
-    __init__._normalises_specs = True
-    return __init__
+def _init_hints(cls) -> dict:
+    """Type hints of the constructor arguments of ``cls`` and of the classes it forwards ``**kwargs`` to."""
+    hints: dict = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is not None and klass.__module__.startswith("lightning_rlhf"):
+            try:
+                hints.update(typing.get_type_hints(init))
+            except Exception:  # an annotation that does not resolve: leave that class out
+                continue
+    return hints
 
 
 def plain(obj):
@@ -157,7 +138,45 @@ def plain(obj):
     return obj
 
 
-class StageModule(LightningModule):
+class _NormalisingSpecs(type):
+    """Metaclass of the stage modules: before ``__init__`` runs, every argument annotated with a dataclass
+    that is given as a dict (Python, YAML, a checkpoint's hparams) becomes that dataclass, and every model
+    or tokenizer path is checked (so a missing folder is one clear error before anything is loaded).
+
+    A metaclass rather than a wrapper around ``__init__``: the chain of ``__init__`` frames stays as
+    Lightning's ``save_hyperparameters`` expects it."""
+
+    def __call__(cls, *args, **kwargs):
+        from ..errors import check_model_path
+        from ..models.loader import ModelSpec
+
+        hints = cls.__dict__.get("_spec_hints")
+        if hints is None:
+            hints = _init_hints(cls)
+            cls._spec_hints = hints
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        except TypeError:
+            return type.__call__(cls, *args, **kwargs)  # let __init__ report the wrong call itself
+        owner = cls.__name__
+        arguments = dict(list(bound.arguments.items())[1:])
+        var_kw = next((p.name for p in inspect.signature(cls.__init__).parameters.values()
+                       if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        if var_kw and var_kw in arguments:
+            arguments.update(arguments.pop(var_kw))
+        for name, value in arguments.items():
+            annotation = hints.get(name)
+            value = arguments[name] = _coerce(annotation, value, f"{owner} {name}")
+            if ModelSpec in _dataclasses_in(annotation) and value is not None:
+                path = value.path if isinstance(value, ModelSpec) else value
+                option = f"{owner} {name}.path" if isinstance(value, ModelSpec) else f"{owner} {name}"
+                check_model_path(path, option)
+            elif name == "tokenizer" and isinstance(value, str):
+                check_model_path(value, f"{owner} tokenizer", tokenizer=True)
+        return type.__call__(cls, **arguments)
+
+
+class StageModule(LightningModule, metaclass=_NormalisingSpecs):
     """Base of the stage modules: tokenizer, export of the trained model, throughput bookkeeping.
 
     Subclasses build their models in ``configure_model`` and name the trained one in
@@ -165,14 +184,6 @@ class StageModule(LightningModule):
     """
 
     data_kind: str = ""
-
-    def __init_subclass__(cls, **kwargs):
-        # Every stage's constructor takes dicts for its spec arguments (as YAML does) and checks its
-        # model folders first: one mechanism here instead of per-stage conversions.
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and not getattr(init, "_normalises_specs", False):
-            cls.__init__ = _normalising_specs(init)
 
     def __init__(self, tokenizer_path: str, output_dir: str | None, merge_lora: bool = True):
         super().__init__()

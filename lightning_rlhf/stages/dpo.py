@@ -138,6 +138,7 @@ class DPOModule(OfflineStageModule):
         return self.policy
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # specs as plain dicts, no non-finite weights
         # The reference is rebuilt from its folder: keep it out of checkpoints.
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("reference.")]:
