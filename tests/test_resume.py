@@ -61,24 +61,42 @@ def test_every_stage_loads_from_its_checkpoint(name, tiny_model_dir, files, tmp_
         assert torch.equal(value, trained[key]), key
 
 
-def _sft_run(tiny_model_dir, memo_sft_file, tmp_path, max_steps: int, ckpt_path=None, save_to=None):
+class StopAt(L.Callback):
+    """Stop after ``step`` optimiser steps (as a pre-empted job would), keeping max_steps (and so the schedule)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _run(name, tiny_model_dir, files, tmp_path, ckpt_path=None, save_to=None, stop_at=None):
     L.seed_everything(0)
-    module = SFTModule(policy=str(tiny_model_dir), optim={"learning_rate": 1e-2})
-    dm = RLHFDataModule(str(memo_sft_file), kind="sft", batch_size=2, shuffle=True, seed=3)
-    t = trainer(tmp_path, max_steps=max_steps, max_epochs=10)
+    module = build(name, str(tiny_model_dir))
+    module.optim.warmup_steps = 2  # a schedule that moves, so the scheduler's state matters too
+    module.optim.scheduler = "cosine"
+    dm = RLHFDataModule(str(files[module.data_kind]), batch_size=2, shuffle=True, seed=3)
+    t = trainer(tmp_path, max_steps=6, max_epochs=10, callbacks=[StopAt(stop_at)] if stop_at else [])
     t.fit(module, dm, ckpt_path=ckpt_path)
     if save_to is not None:
         t.save_checkpoint(save_to)
     return module, t
 
 
+@pytest.mark.parametrize("name", ["sft", "reward", "dpo"])
 @pytest.mark.parametrize("split", [2, 5], ids=["mid_epoch_1", "mid_epoch_2"])
-def test_sft_resume_mid_epoch_is_bit_exact(split, tiny_model_dir, memo_sft_file, tmp_path):
+def test_resume_mid_epoch_is_bit_exact(name, split, tiny_model_dir, files, tmp_path):
     """8 records, batch 2: 4 batches an epoch; 6 steps straight == `split` steps, resume, the rest."""
-    straight, _ = _sft_run(tiny_model_dir, memo_sft_file, tmp_path / "a", 6)
+    straight, _ = _run(name, tiny_model_dir, files, tmp_path / "a")
     ckpt = tmp_path / "half.ckpt"
-    _sft_run(tiny_model_dir, memo_sft_file, tmp_path / "b", split, save_to=ckpt)
-    resumed, t = _sft_run(tiny_model_dir, memo_sft_file, tmp_path / "c", 6, ckpt_path=ckpt)
+    half_module, half = _run(name, tiny_model_dir, files, tmp_path / "b", save_to=ckpt, stop_at=split)
+    assert half.global_step == split
+    resumed, t = _run(name, tiny_model_dir, files, tmp_path / "c", ckpt_path=ckpt)
     assert t.global_step == 6
-    for (k, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True):
-        assert torch.equal(a, b), k
+    a, b = straight.exported_model().state_dict(), resumed.exported_model().state_dict()
+    assert any(not torch.equal(v, half_v) for v, half_v in zip(a.values(), half_module.exported_model().state_dict().values(),
+                                                                strict=True))  # the second half trained
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
