@@ -168,6 +168,10 @@ def _cli_class():
         def before_fit(self) -> None:
             self.validate_inputs()
             _quiet_loggers(self.trainer)
+            from .checkpointing import SaveOnSigterm
+
+            if not any(isinstance(c, SaveOnSigterm) for c in self.trainer.callbacks):
+                self.trainer.callbacks.append(SaveOnSigterm())
 
         def before_validate(self) -> None:
             self.validate_inputs()
@@ -238,6 +242,19 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(TOP_HELP, end="")
         return
+    try:
+        _dispatch(args, argv, debug)
+    except SystemExit as e:
+        if type(e).__name__ != "SIGTERMException":
+            raise
+        from . import checkpointing
+
+        saved = checkpointing.last_saved
+        sys.stderr.write(f"{saved if saved is not None else 'stopped by SIGTERM (no checkpoint saved)'}\n")
+        raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a job ended by it
+
+
+def _dispatch(args: list[str], argv: list[str] | None, debug: bool) -> None:
     with reported(debug):
         if args[0] == "pipeline":
             from .pipeline import main as pipeline_main
