@@ -91,6 +91,21 @@ def condense_parse_error(message: str, argv: list[str]) -> str:
         elif names:
             line += f" (its options: {', '.join(names)})"
         return line
+    unrecognized = re.search(r"^(\w+): unrecognized arguments: --([\w.]+)", message.strip())
+    if unrecognized:
+        group, key = unrecognized.groups()
+        bad = key.split("=", 1)[0].split(".")[0]
+        names: set[str] = set()
+        if group == "model":
+            from . import stages
+
+            for cls_name in getattr(stages, "__all__", []):
+                names.update(_option_names(f"lightning_rlhf.stages.{cls_name}"))
+        elif group == "data":
+            names.update(_option_names("lightning_rlhf.data.RLHFDataModule"))
+        close = difflib.get_close_matches(bad, sorted(names), n=3, cutoff=0.6)
+        line = f"{group}: option '{bad}' is not accepted (in --{group}.{key})"
+        return line + (f"; did you mean {' or '.join(close)}?" if close else "")
     keys = re.findall(r'Parser key "([^"]+)"', message)
     lines = [ln.strip(" -") for ln in message.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("Parser key") and not any(n in ln for n in UNION_NOISE)]
