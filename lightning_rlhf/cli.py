@@ -69,7 +69,7 @@ def _option_names(class_path: str) -> list[str]:
     if is_dataclass(cls):
         return [f.name for f in fields(cls)]
     try:
-        return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
     except (TypeError, ValueError):
         return []
 
@@ -93,6 +93,21 @@ def condense_parse_error(message: str, argv: list[str]) -> str:
         elif names:
             line += f" (its options: {', '.join(names)})"
         return line
+    unrecognized = re.search(r"^(\w+): unrecognized arguments: --([\w.]+)", message.strip())
+    if unrecognized:
+        group, key = unrecognized.groups()
+        bad = key.split("=", 1)[0].split(".")[0]
+        names: set[str] = set()
+        if group == "model":
+            from . import stages
+
+            for cls_name in getattr(stages, "__all__", []):
+                names.update(_option_names(f"lightning_rlhf.stages.{cls_name}"))
+        elif group == "data":
+            names.update(_option_names("lightning_rlhf.data.RLHFDataModule"))
+        close = difflib.get_close_matches(bad, sorted(names), n=3, cutoff=0.6)
+        line = f"{group}: option '{bad}' is not accepted (in --{group}.{key})"
+        return line + (f"; did you mean {' or '.join(close)}?" if close else "")
     keys = re.findall(r'Parser key "([^"]+)"', message)
     lines = [ln.strip(" -") for ln in message.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("Parser key") and not any(n in ln for n in UNION_NOISE)]
@@ -170,6 +185,10 @@ def _cli_class():
         def before_fit(self) -> None:
             self.validate_inputs()
             _quiet_loggers(self.trainer)
+            from .checkpointing import SaveOnSigterm
+
+            if not any(isinstance(c, SaveOnSigterm) for c in self.trainer.callbacks):
+                self.trainer.callbacks.append(SaveOnSigterm())
 
         def before_validate(self) -> None:
             self.validate_inputs()
@@ -240,6 +259,19 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(TOP_HELP, end="")
         return
+    try:
+        _dispatch(args, argv, debug)
+    except SystemExit as e:
+        if type(e).__name__ != "SIGTERMException":
+            raise
+        from . import checkpointing
+
+        saved = checkpointing.last_saved
+        sys.stderr.write(f"{saved if saved is not None else 'stopped by SIGTERM (no checkpoint saved)'}\n")
+        raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a job ended by it
+
+
+def _dispatch(args: list[str], argv: list[str] | None, debug: bool) -> None:
     with reported(debug):
         if args[0] == "pipeline":
             from .pipeline import main as pipeline_main

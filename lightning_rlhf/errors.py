@@ -32,6 +32,19 @@ class RewardFunctionError(UserError):
     """A reward function raised, or returned something else than one number (or None) per completion."""
 
 
+class NonFiniteError(UserError):
+    """A loss, gradient or weight is NaN or infinite (and the run was told to stop, or is about to save it)."""
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM after saving a checkpoint at ``path`` (not a mistake: the CLI says where)."""
+
+    def __init__(self, path: str, step: int):
+        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint saved to {path} "
+                         f"(resume with --ckpt_path {path})")
+        self.path, self.step = path, step
+
+
 MODEL_FILES = ("config.json", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

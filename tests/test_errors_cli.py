@@ -177,3 +177,10 @@ def test_model_paths_are_checked(tmp_path, demo_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="no Hugging Face Hub model of that id is in the local cache"):
         check_model_path("nobody-xyz/no-such-model", "policy.path")
+
+
+def test_condense_unrecognized_stage_and_data_options():
+    assert condense_parse_error("model: unrecognized arguments: --optimm.learning_rate=1e-3", []) == (
+        "model: option 'optimm' is not accepted (in --model.optimm.learning_rate); did you mean optim?")
+    assert condense_parse_error("data: unrecognized arguments: --batch_sise=3", []).endswith(
+        "did you mean batch_size or eval_batch_size?")

@@ -21,6 +21,49 @@ log = logging.getLogger(__name__)
 Paths = str | os.PathLike | Sequence[str]
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose place in the epoch can be saved (``position``) and restored (``resume``): the
+    shuffle generator's state at the start of the epoch and the batches already trained on.
+    ``RLHFDataModule`` puts it in Lightning checkpoints through its own ``state_dict`` (Lightning's hook
+    for stateful loaders misses it: the Trainer builds the loader to estimate the schedule's length before
+    it restores a checkpoint). A run resumed mid-epoch then sees the same
+    order and continues with the next batch, so N steps straight equal N/2 + resume + N/2.
+
+    ``consumed``: returns the batches of the current epoch the Trainer has processed (the loader itself
+    runs one batch ahead: Lightning prefetches); None: count the batches served.
+    Skipping re-collates the skipped batches once (the cost of one partial epoch of data loading).
+    """
+
+    def __init__(self, *args, consumed=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._consumed = consumed
+        self._epoch_rng: torch.Tensor | None = None
+        self._served = 0
+        self._resume: dict | None = None
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        if resume is not None and self.generator is not None and resume.get("epoch_rng") is not None:
+            self.generator.set_state(resume["epoch_rng"])
+        self._epoch_rng = self.generator.get_state() if self.generator is not None else None
+        self._served = 0
+        it = super().__iter__()
+        for _ in range(int(resume.get("consumed", 0)) if resume else 0):
+            next(it, None)
+            self._served += 1
+        for batch in it:
+            self._served += 1
+            yield batch
+
+    def position(self) -> dict:
+        consumed = self._consumed() if self._consumed is not None else None
+        return {"epoch_rng": self._epoch_rng, "consumed": self._served if consumed is None else consumed}
+
+    def resume(self, state: dict) -> None:
+        """Start the next iteration where ``state`` (from ``position``) was."""
+        self._resume = dict(state)
+
+
 class RLHFDataModule(L.LightningDataModule):
     """Loads, validates and tokenises records once, and serves the batches a stage asks for.
 
@@ -229,10 +272,37 @@ class RLHFDataModule(L.LightningDataModule):
         if self.train_examples is None:
             raise RuntimeError("RLHFDataModule: call setup() before asking for dataloaders")
 
+    def _consumed_in_epoch(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def state_dict(self) -> dict:
+        """The training loader's place in the epoch (saved in Lightning checkpoints)."""
+        loader = getattr(self, "_train_loader", None)
+        return {"train_loader": loader.position()} if loader is not None and loader._epoch_rng is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        position = state.get("train_loader")
+        loader = getattr(self, "_train_loader", None)
+        if loader is not None and position is not None:
+            loader.resume(position)
+        else:
+            self._pending_position = position  # for the loader built next
+
     def train_dataloader(self) -> DataLoader:
         self._check_setup()
-        return DataLoader(
+        self._train_loader = self._make_train_loader()
+        pending, self._pending_position = getattr(self, "_pending_position", None), None
+        if pending is not None:
+            self._train_loader.resume(pending)
+        return self._train_loader
+
+    def _make_train_loader(self) -> ResumableDataLoader:
+        return ResumableDataLoader(
             self.train_examples,
+            consumed=self._consumed_in_epoch,
             batch_size=self.batch_size,
             shuffle=self.shuffle,
             collate_fn=self._collate,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 import math
+import os
+import shutil
+import tempfile
 import time
 import typing
 from dataclasses import asdict, dataclass, fields, is_dataclass
@@ -17,7 +19,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 
 
 @dataclass
@@ -38,6 +40,9 @@ class OptimSpec:
     """Final learning rate as a fraction of the peak (cosine and linear)."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping (None: off). Automatic stages pass it to the Trainer's clipping."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradients hold NaN/inf: ``skip`` it (no update; counted as
+    ``train/nonfinite_skipped``) or ``stop`` the run with a message. (SFT, reward model, DPO.)"""
 
 
 def build_optimizer(params, spec: OptimSpec) -> torch.optim.Optimizer:
@@ -109,35 +114,17 @@ def as_dataclass(cls, value, where: str = ""):
     return cls(**{k: _coerce(hints.get(k), v, f"{where}.{k}" if where else k) for k, v in value.items()})
 
 
-def _normalising_specs(init):
-    """Wrap a stage's ``__init__`` so that every argument annotated with a dataclass accepts a dict (as
-    YAML does), and every model or tokenizer path is checked before anything is loaded."""
-    sig = inspect.signature(init)
-    hints_cache: list[dict] = []
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        from ..errors import check_model_path
-        from ..models.loader import ModelSpec
-
-        if not hints_cache:
-            hints_cache.append(typing.get_type_hints(init))
-        hints = hints_cache[0]
-        bound = sig.bind(self, *args, **kwargs)
-        owner = type(self).__name__
-        for name, value in list(bound.arguments.items())[1:]:
-            annotation = hints.get(name)
-            value = bound.arguments[name] = _coerce(annotation, value, f"{owner} {name}")
-            if ModelSpec in _dataclasses_in(annotation) and value is not None:
-                path = value.path if isinstance(value, ModelSpec) else value
-                option = f"{owner} {name}.path" if isinstance(value, ModelSpec) else f"{owner} {name}"
-                check_model_path(path, option)
-            elif name == "tokenizer" and isinstance(value, str):
-                check_model_path(value, f"{owner} tokenizer", tokenizer=True)
-        init(*bound.args, **bound.kwargs)
-
-    __init__._normalises_specs = True
-    return __init__
+def _init_hints(cls) -> dict:
+    """Type hints of the constructor arguments of ``cls`` and of the classes it forwards ``**kwargs`` to."""
+    hints: dict = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is not None and klass.__module__.startswith("lightning_rlhf"):
+            try:
+                hints.update(typing.get_type_hints(init))
+            except Exception:  # an annotation that does not resolve: leave that class out
+                continue
+    return hints
 
 
 def plain(obj):
@@ -154,7 +141,45 @@ def plain(obj):
 TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
-class StageModule(LightningModule):
+class _NormalisingSpecs(type):
+    """Metaclass of the stage modules: before ``__init__`` runs, every argument annotated with a dataclass
+    that is given as a dict (Python, YAML, a checkpoint's hparams) becomes that dataclass, and every model
+    or tokenizer path is checked (so a missing folder is one clear error before anything is loaded).
+
+    A metaclass rather than a wrapper around ``__init__``: the chain of ``__init__`` frames stays as
+    Lightning's ``save_hyperparameters`` expects it."""
+
+    def __call__(cls, *args, **kwargs):
+        from ..errors import check_model_path
+        from ..models.loader import ModelSpec
+
+        hints = cls.__dict__.get("_spec_hints")
+        if hints is None:
+            hints = _init_hints(cls)
+            cls._spec_hints = hints
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        except TypeError:
+            return type.__call__(cls, *args, **kwargs)  # let __init__ report the wrong call itself
+        owner = cls.__name__
+        arguments = dict(list(bound.arguments.items())[1:])
+        var_kw = next((p.name for p in inspect.signature(cls.__init__).parameters.values()
+                       if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        if var_kw and var_kw in arguments:
+            arguments.update(arguments.pop(var_kw))
+        for name, value in arguments.items():
+            annotation = hints.get(name)
+            value = arguments[name] = _coerce(annotation, value, f"{owner} {name}")
+            if ModelSpec in _dataclasses_in(annotation) and value is not None:
+                path = value.path if isinstance(value, ModelSpec) else value
+                option = f"{owner} {name}.path" if isinstance(value, ModelSpec) else f"{owner} {name}"
+                check_model_path(path, option)
+            elif name == "tokenizer" and isinstance(value, str):
+                check_model_path(value, f"{owner} tokenizer", tokenizer=True)
+        return type.__call__(cls, **arguments)
+
+
+class StageModule(LightningModule, metaclass=_NormalisingSpecs):
     """Base of the stage modules: tokenizer, export of the trained model, throughput bookkeeping.
 
     Subclasses build their models in ``configure_model`` and name the trained one in
@@ -162,14 +187,6 @@ class StageModule(LightningModule):
     """
 
     data_kind: str = ""
-
-    def __init_subclass__(cls, **kwargs):
-        # Every stage's constructor takes dicts for its spec arguments (as YAML does) and checks its
-        # model folders first: one mechanism here instead of per-stage conversions.
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and not getattr(init, "_normalises_specs", False):
-            cls.__init__ = _normalising_specs(init)
 
     def __init__(self, tokenizer_path: str, output_dir: str | None, merge_lora: bool = True):
         super().__init__()
@@ -220,7 +237,11 @@ class StageModule(LightningModule):
     def save_pretrained(self, out_dir: str | Path) -> Path | None:
         """Write the trained model and tokenizer as a Hugging Face folder.
 
-        Under FSDP2 every rank must call it (the full weights are gathered); rank 0 writes.
+        Never writes non-finite weights (raises :class:`~lightning_rlhf.errors.NonFiniteError`), and
+        writes atomically: the folder is written under a temporary name next to ``out_dir``, then each
+        file is renamed into place, ``config.json`` last, so a folder with a ``config.json`` always holds
+        the complete new model (a crash leaves the previous export or nothing). Under FSDP2 every rank
+        must call it (the full weights are gathered); rank 0 writes.
         """
         from ..models import save_pretrained
         from ..models.distributed import full_state_dict
@@ -229,7 +250,19 @@ class StageModule(LightningModule):
         state = full_state_dict(model)
         if self._trainer is not None and not self.trainer.is_global_zero:
             return None
-        return save_pretrained(model, out_dir, self.tokenizer, merge_lora=self.merge_lora, state_dict=state)
+        check_finite(state if state is not None else model.state_dict(), f"an export to {out_dir}")
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            save_pretrained(model, tmp, self.tokenizer, merge_lora=self.merge_lora, state_dict=state)
+            out.mkdir(exist_ok=True)
+            last = ("config.json", "adapter_config.json")
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name in last):
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
 
     def on_train_end(self) -> None:
         if self.output_dir:
@@ -238,6 +271,7 @@ class StageModule(LightningModule):
                 rank_zero_info(f"[{type(self).__name__}] saved the trained model to {path}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite(checkpoint.get("state_dict", {}), "a checkpoint")
         # Dataclass arguments as plain dicts: the checkpoint then loads with torch's weights_only=True.
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
@@ -249,6 +283,13 @@ class StageModule(LightningModule):
         return None if last is None else n_tokens / max(now - last, 1e-9)
 
 
+def check_finite(state: dict, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first floating tensor of ``state`` holding NaN/inf."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"refusing to write {what} with non-finite weights: {name} holds NaN or inf")
+
+
 class OfflineStageModule(StageModule):
     """A stage with one loss per batch (SFT, reward model, DPO): automatic optimisation of
     ``exported_model()``'s trainable parameters with ``self.optim``, the schedule stepped per
@@ -256,6 +297,32 @@ class OfflineStageModule(StageModule):
     ``gradient_clip_val`` says otherwise)."""
 
     optim: OptimSpec
+    nonfinite_skipped: int = 0
+    _loss_nonfinite: bool = False
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._loss_nonfinite = not bool(torch.isfinite(loss.detach()).all())
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # After backward, before clipping and the step: a NaN/inf loss or gradient on any rank skips
+        # the step on every rank (grads set to None: AdamW leaves those parameters and their state alone).
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        bad = self._loss_nonfinite or any(not bool(torch.isfinite(p.grad).all()) for p in params)
+        if self._trainer is not None:
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if bad:
+            if self.optim.nonfinite == "stop":
+                raise NonFiniteError(
+                    f"{type(self).__name__}: non-finite {'loss' if self._loss_nonfinite else 'gradients'} at step "
+                    f"{self.global_step} (optim.nonfinite='stop'); lower optim.learning_rate, check the data, or set "
+                    "optim.nonfinite: skip"
+                )
+            for p in params:
+                p.grad = None
+            self.nonfinite_skipped += 1
+        self._loss_nonfinite = False
+        if self._trainer is not None:
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
 
     def configure_optimizers(self):
         opt = build_optimizer(self.exported_model().parameters(), self.optim)

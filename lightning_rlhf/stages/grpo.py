@@ -140,6 +140,10 @@ class GRPOModule(OnlineRLModule):
             )
         generation = replace(generation, num_samples=num_generations)
         super().__init__(policy, generation=generation, kl_coef=beta, kl_estimator=kl_estimator, **kwargs)
+        # The base recorded its own `kl_coef` (= beta) among the hparams; GRPO's constructor takes `beta`
+        # only, so load_from_checkpoint would fail on it.
+        self._hparams.pop("kl_coef", None)
+        self._hparams_initial.pop("kl_coef", None)
         self.num_generations = num_generations
         self.advantage_estimator = advantage_estimator
         self.scale_by_std = scale_by_std

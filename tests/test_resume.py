@@ -1,0 +1,102 @@
+"""Checkpoints: every stage loads back with ``load_from_checkpoint``; an offline stage resumed mid-epoch
+continues bit for bit on CPU (N steps straight == N/2, resume, N/2: the data loader position is saved)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_rlhf.data import RLHFDataModule
+from lightning_rlhf.stages import DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [{"prompt": f"review the {x} .", "chosen": f" the {x} is great .", "rejected": f" the {x} is bad ."}
+         for x in ("phone", "lamp", "bag", "chair", "watch", "kettle", "camera", "laptop")]
+
+
+def length_reward(prompts, completions, **kw):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, write_jsonl, memo_sft_file, prompt_file):
+    pairs = write_jsonl(tmp_path_factory.mktemp("resume") / "pairs.jsonl", PAIRS)
+    return {"sft": memo_sft_file, "preference": pairs, "prompt": prompt_file}
+
+
+def build(name: str, path: str):
+    optim = {"learning_rate": 1e-2, "scheduler": "constant"}
+    gen = {"max_new_tokens": 4}
+    return {
+        "sft": lambda: SFTModule(policy=path, optim=optim),
+        "reward": lambda: RewardModule(model=path, optim=optim),
+        "dpo": lambda: DPOModule(policy=path, optim=optim),
+        "ppo": lambda: PPOModule(policy=path, reward_functions=[f"{__name__}.length_reward"], optim=optim,
+                                 generation=gen, log_samples_every_n_steps=0),
+        "grpo": lambda: GRPOModule(policy=path, reward_functions=[f"{__name__}.length_reward"], optim=optim,
+                                   generation=gen, num_generations=2, beta=0.04, log_samples_every_n_steps=0),
+    }[name]()
+
+
+def trainer(tmp_path, **kw) -> L.Trainer:
+    kw.setdefault("max_steps", 1)
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path, **kw)
+
+
+@pytest.mark.parametrize("name", ["sft", "reward", "dpo", "ppo", "grpo"])
+def test_every_stage_loads_from_its_checkpoint(name, tiny_model_dir, files, tmp_path):
+    module = build(name, str(tiny_model_dir))
+    dm = RLHFDataModule(str(files[module.data_kind]), batch_size=2, shuffle=False)
+    t = trainer(tmp_path, max_steps=1)
+    t.fit(module, dm)
+    ckpt = tmp_path / "last.ckpt"
+    t.save_checkpoint(ckpt)
+    loaded = type(module).load_from_checkpoint(ckpt, weights_only=True)  # builds the models, loads the weights
+    assert type(loaded.optim) is type(module.optim) and loaded.optim == module.optim
+    trained = module.exported_model().state_dict()
+    for key, value in loaded.exported_model().state_dict().items():
+        assert torch.equal(value, trained[key]), key
+
+
+class StopAt(L.Callback):
+    """Stop after ``step`` optimiser steps (as a pre-empted job would), keeping max_steps (and so the schedule)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _run(name, tiny_model_dir, files, tmp_path, ckpt_path=None, save_to=None, stop_at=None):
+    L.seed_everything(0)
+    module = build(name, str(tiny_model_dir))
+    module.optim.warmup_steps = 2  # a schedule that moves, so the scheduler's state matters too
+    module.optim.scheduler = "cosine"
+    dm = RLHFDataModule(str(files[module.data_kind]), batch_size=2, shuffle=True, seed=3)
+    t = trainer(tmp_path, max_steps=6, max_epochs=10, callbacks=[StopAt(stop_at)] if stop_at else [])
+    t.fit(module, dm, ckpt_path=ckpt_path)
+    if save_to is not None:
+        t.save_checkpoint(save_to)
+    return module, t
+
+
+@pytest.mark.parametrize("name", ["sft", "reward", "dpo"])
+@pytest.mark.parametrize("split", [2, 5], ids=["mid_epoch_1", "mid_epoch_2"])
+def test_resume_mid_epoch_is_bit_exact(name, split, tiny_model_dir, files, tmp_path):
+    """8 records, batch 2: 4 batches an epoch; 6 steps straight == `split` steps, resume, the rest."""
+    straight, _ = _run(name, tiny_model_dir, files, tmp_path / "a")
+    ckpt = tmp_path / "half.ckpt"
+    half_module, half = _run(name, tiny_model_dir, files, tmp_path / "b", save_to=ckpt, stop_at=split)
+    assert half.global_step == split
+    resumed, t = _run(name, tiny_model_dir, files, tmp_path / "c", ckpt_path=ckpt)
+    assert t.global_step == 6
+    a, b = straight.exported_model().state_dict(), resumed.exported_model().state_dict()
+    assert any(not torch.equal(v, half_v) for v, half_v in zip(a.values(), half_module.exported_model().state_dict().values(),
+                                                                strict=True))  # the second half trained
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
