@@ -62,12 +62,13 @@ def generate_text(model_dir: str, prompts: list[str], *, system: str | None = No
             rows.append(enc.prompt(p))
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     model = load_causal_lm(model_dir, trainable=False)
+    device = next(model.parameters()).device
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
     rollout = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, num_samples=num_samples, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
-                       generator=torch.Generator().manual_seed(seed))
+                       generator=torch.Generator(device=device).manual_seed(seed))
     texts = rollout.decode_responses(tokenizer)
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 

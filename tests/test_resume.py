@@ -50,7 +50,8 @@ def trainer(tmp_path, **kw) -> L.Trainer:
 def test_every_stage_loads_from_its_checkpoint(name, tiny_model_dir, files, tmp_path):
     module = build(name, str(tiny_model_dir))
     dm = RLHFDataModule(str(files[module.data_kind]), batch_size=2, shuffle=False)
-    t = trainer(tmp_path, max_steps=1)
+    # one batch; online stages refuse max_steps (it counts every optimiser step, not rollout steps)
+    t = trainer(tmp_path, max_steps=-1, max_epochs=1, limit_train_batches=1)
     t.fit(module, dm)
     ckpt = tmp_path / "last.ckpt"
     t.save_checkpoint(ckpt)
