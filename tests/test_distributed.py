@@ -385,3 +385,58 @@ def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path,
     for name, w in loaded.state_dict().items():
         if name in two:
             torch.testing.assert_close(w, two[name], atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# A sharded (distributed) checkpoint of an online stage resumes at the same world size.
+
+RESUME_SCRIPT = """
+import hashlib, json, sys, torch, lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning_rlhf.stages import PPOModule
+from lightning_rlhf.data import RLHFDataModule
+
+mode, base, prompts, ckpt_dir = sys.argv[1:5]
+L.seed_everything(0)
+m = PPOModule(policy=base, critic_init="policy", ppo_epochs=2, mini_batch_size=2, kl_target=1.0,
+              normalize_rewards=True, generation={"max_new_tokens": 6}, log_samples_every_n_steps=0, schedule_steps=2,
+              reward_functions=["lightning_rlhf.demo.rewards.gold_reward"])
+callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)] if mode == "first" else []
+t = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+              max_epochs=1 if mode == "first" else 2, limit_train_batches=1, logger=False,
+              enable_checkpointing=mode == "first", enable_progress_bar=False, enable_model_summary=False,
+              callbacks=callbacks)
+t.fit(m, RLHFDataModule(prompts, batch_size=2, max_prompt_length=32),
+      ckpt_path=f"{ckpt_dir}/last.ckpt" if mode == "resume" else None)
+full = [p.full_tensor() for p in m.policy.parameters()]
+torch.save([p.detach().clone() for p in full], f"{mode}-weights-{t.global_rank}.pt")
+with open(f"{mode}-{t.global_rank}.json", "w") as f:
+    json.dump({"kl": m.kl_ctl.value, "rollout_step": m.rollout_step, "moments": m.reward_moments.state_dict(),
+               "generator": hashlib.sha1(m.generator.get_state().numpy().tobytes()).hexdigest()}, f)
+"""
+
+
+def test_sharded_checkpoint_of_an_online_stage_resumes(tmp_path):
+    """PPO under FSDP2: 1 epoch, a distributed checkpoint (a folder of shards), then resume for a
+    second epoch; the result equals 2 epochs straight: weights, adaptive KL, reward normaliser, and
+    each rank's own rollout generator."""
+    from lightning_rlhf.demo.assets import base_model_dir
+
+    (tmp_path / "run.py").write_text(RESUME_SCRIPT)
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    for mode in ("straight", "first", "resume"):
+        args = [sys.executable, "run.py", mode, str(base_model_dir()),
+                str(ROOT / "data/demo/reviews/prompts_eval.jsonl"), str(tmp_path / "ckpt")]  # fmt: skip
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "ckpt" / "last.ckpt").is_dir()  # sharded: a distributed-checkpoint folder
+    for rank in (0, 1):
+        straight = json.loads((tmp_path / f"straight-{rank}.json").read_text())
+        resumed = json.loads((tmp_path / f"resume-{rank}.json").read_text())
+        assert resumed == straight, rank
+        for a, b in zip(torch.load(tmp_path / f"resume-weights-{rank}.pt"),
+                        torch.load(tmp_path / f"straight-weights-{rank}.pt"), strict=True):  # fmt: skip
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    gens = [json.loads((tmp_path / f"resume-{r}.json").read_text())["generator"] for r in (0, 1)]
+    assert gens[0] != gens[1]  # each rank resumed its own generator

@@ -35,6 +35,24 @@ def all_reduce(x: torch.Tensor, op: Literal["sum", "max", "min"] = "sum") -> tor
     return out
 
 
+def all_gather_object(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` on one process). A collective."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 without ``torch.distributed``)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if world_size() > 1 else 0
+
+
 @contextlib.contextmanager
 def fsdp_gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
     """Turn off (``enabled=False``) the gradient reduce-scatter of every FSDP2 unit in ``module`` for

@@ -41,7 +41,15 @@ from torch import nn
 
 from ..core import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean, token_rewards
 from ..models import ModelSpec, as_spec, freeze, load_causal_lm, load_sequence_classifier
-from ..models.distributed import all_reduce, fsdp_gradient_sync, gathered_once, is_sharded, world_size
+from ..models.distributed import (
+    all_gather_object,
+    all_reduce,
+    fsdp_gradient_sync,
+    gathered_once,
+    is_sharded,
+    rank,
+    world_size,
+)
 from ..rollout import (
     CompositeScorer,
     GenerationSpec,
@@ -768,11 +776,17 @@ class OnlineRLModule(StageModule):
     def online_state_dict(self) -> dict:
         """State outside the modules and optimisers: KL controller, reward normaliser, rollout RNG,
         step counter. Saved in Lightning checkpoints (``on_save_checkpoint``); Fabric users save it
-        themselves next to the module and optimisers."""
+        themselves next to the module and optimisers.
+
+        Each rank has its own rollout generator (seeded ``seed + rank``) while a checkpoint holds one
+        copy of this state (rank 0's), so every rank's generator state is gathered into it
+        (``generators``, in rank order; a collective: every rank calls it)."""
+        gen = self.generator.get_state()
         return {
             "kl_ctl": self.kl_ctl.state_dict(),
             "reward_moments": self.reward_moments.state_dict(),
-            "generator": self.generator.get_state(),
+            "generator": gen,
+            "generators": all_gather_object(gen),
             "rollout_step": self.rollout_step,
         }
 
@@ -780,7 +794,10 @@ class OnlineRLModule(StageModule):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_moments.load_state_dict(state["reward_moments"])
         self.rollout_step = int(state["rollout_step"])
-        self._pending_generator_state = state["generator"].cpu()
+        gens = state.get("generators")
+        # this rank's generator when saved at the same world size (else rank 0's, as before)
+        gen = gens[rank()] if gens is not None and len(gens) == world_size() else state["generator"]
+        self._pending_generator_state = gen.cpu()
         self._generator = None  # rebuilt (with this state) on first use, on the right device
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
