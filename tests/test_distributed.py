@@ -440,3 +440,56 @@ def test_sharded_checkpoint_of_an_online_stage_resumes(tmp_path):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     gens = [json.loads((tmp_path / f"resume-{r}.json").read_text())["generator"] for r in (0, 1)]
     assert gens[0] != gens[1]  # each rank resumed its own generator
+
+
+# --------------------------------------------------------------------------------------------------
+# The offline preference stages under FSDP2: DPO shards its policy and its frozen reference, the
+# reward model shards its classifier; both train as under DDP.
+
+OFFLINE_SCRIPT = """
+import sys, lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning_rlhf.stages import DPOModule, RewardModule
+from lightning_rlhf.data import RLHFDataModule
+from lightning_rlhf.models.distributed import is_sharded
+
+kind, strategy, base, prefs, out = sys.argv[1:6]
+L.seed_everything(0)
+m = DPOModule(policy=base, output_dir=out) if kind == "dpo" else RewardModule(model=base, output_dir=out)
+strat = "ddp" if strategy == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+
+class Check(L.Callback):
+    def on_train_start(self, trainer, module):
+        models = [module.policy, module.reference] if kind == "dpo" else [module.model]
+        assert all(is_sharded(x) == (strategy == "fsdp2") for x in models), kind
+
+
+t = L.Trainer(accelerator="cpu", devices=2, strategy=strat, max_steps=3, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Check()])
+t.fit(m, RLHFDataModule(prefs, batch_size=4, max_length=64, max_prompt_length=32))
+"""
+
+
+@pytest.mark.parametrize("kind", ["dpo", "reward"])
+def test_preference_stages_under_fsdp2_train_as_under_ddp(tmp_path, kind):
+    """3 steps of DPO (policy and frozen reference sharded) or reward-model training under FSDP2
+    export the weights of the same steps under DDP (atol 1e-5), and training moved them."""
+    from lightning_rlhf.demo.assets import base_model_dir
+
+    (tmp_path / "run.py").write_text(OFFLINE_SCRIPT)
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    for strategy in ("ddp", "fsdp2"):
+        args = [sys.executable, "run.py", kind, strategy, str(base_model_dir()),
+                str(ROOT / "data/demo/reviews/pref_train.jsonl"), str(tmp_path / strategy)]  # fmt: skip
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = load_file(tmp_path / "ddp" / "model.safetensors")
+    fsdp = load_file(tmp_path / "fsdp2" / "model.safetensors")
+    assert ddp.keys() == fsdp.keys()
+    for name, w in ddp.items():
+        torch.testing.assert_close(fsdp[name], w, atol=1e-5, rtol=1e-4, msg=name)
+    from lightning_rlhf.models import load_causal_lm
+
+    init = load_causal_lm(str(base_model_dir()), trainable=False).state_dict()
+    assert any(n in init and not torch.allclose(w, init[n]) for n, w in ddp.items())
