@@ -522,20 +522,14 @@ class OnlineRLModule(StageModule):
     @contextlib.contextmanager
     def gradient_sync(self, enabled: bool) -> Iterator[None]:
         """Whether the backward passes in the block synchronise gradients across ranks. Off: DDP's
-        ``no_sync`` (through the strategy, under a Trainer or Fabric) and FSDP2's
+        ``no_sync`` (the Trainer strategy's ``block_backward_sync``) and FSDP2's
         ``set_requires_gradient_sync(False)`` on every sharded module. A no-op on one process and
         with ``sync_free_accumulation`` off."""
         if enabled or not self.sync_free_accumulation or world_size() == 1:
             yield
             return
         with contextlib.ExitStack() as stack:
-            if self._fabric is not None:
-                from lightning.fabric.strategies import DDPStrategy as FabricDDP
-
-                ddp = getattr(self._fabric, "_runner_module", None)
-                if isinstance(self._fabric.strategy, FabricDDP) and ddp is not None:
-                    stack.enter_context(self._fabric.no_backward_sync(ddp))
-            elif self._trainer is not None:
+            if self._trainer is not None and self._fabric is None:
                 from lightning.pytorch.strategies import ParallelStrategy
 
                 if isinstance(self.trainer.strategy, ParallelStrategy):
