@@ -142,16 +142,26 @@ if t.global_rank == 0:
 
 
 def accumulation(args: argparse.Namespace) -> None:
+    import shutil
+
     from lightning_rlhf.demo.assets import base_model_dir
 
     prompts = ROOT / "data/demo/reviews/prompts_eval.jsonl"
     times: dict[str, list[float]] = {"sync_free": [], "synced": []}
     with tempfile.TemporaryDirectory() as tmp:
+        policy = base_model_dir()
+        if args.hidden:  # the demo tokenizer with a wider, deeper Llama config (seeded init)
+            policy = Path(tmp) / "policy"
+            shutil.copytree(base_model_dir(), policy)
+            config = json.loads((policy / "config.json").read_text())
+            config.update(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                          num_key_value_heads=args.hidden // 128, intermediate_size=args.hidden * 8 // 3)
+            (policy / "config.json").write_text(json.dumps(config))
         script = Path(tmp) / "run.py"
         script.write_text(ACCUMULATION_RUN)
         for _ in range(args.repeats):
             for name, flag in (("sync_free", "1"), ("synced", "0")):
-                cmd = [sys.executable, str(script), flag, str(args.steps), str(args.micro), str(base_model_dir()),
+                cmd = [sys.executable, str(script), flag, str(args.steps), str(args.micro), str(policy),
                        str(prompts)]  # fmt: skip
                 env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
                 proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, check=True, timeout=900)
@@ -161,7 +171,8 @@ def accumulation(args: argparse.Namespace) -> None:
     print(
         json.dumps(
             {
-                "model": "demo (h128, 4 layers), PPO, 2-process DDP",
+                "model": f"{'demo h128/4 layers' if not args.hidden else f'h{args.hidden}/{args.layers} layers'}, "
+                "PPO, 2-process DDP",
                 "micro_batches_per_step": 8 // args.micro,
                 "optimisation_s_per_rollout_step": {k: round(v, 3) for k, v in med.items()},
                 "steps_measured": {k: len(v) for k, v in times.items()},
@@ -186,6 +197,8 @@ def main() -> None:
     a.add_argument("--steps", type=int, default=4, help="rollout steps per run (the first is not timed)")
     a.add_argument("--micro", type=int, default=1, help="micro_batch_size (8 rows per mini-batch)")
     a.add_argument("--repeats", type=int, default=2, help="runs per variant, alternating")
+    a.add_argument("--hidden", type=int, default=None, help="a Llama of this width (default: the demo model)")
+    a.add_argument("--layers", type=int, default=8)
     args = parser.parse_args()
     rollout(args) if args.what == "rollout" else accumulation(args)
 

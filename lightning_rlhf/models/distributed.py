@@ -35,6 +35,24 @@ def all_reduce(x: torch.Tensor, op: Literal["sum", "max", "min"] = "sum") -> tor
     return out
 
 
+def all_gather_object(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` on one process). A collective."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 without ``torch.distributed``)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if world_size() > 1 else 0
+
+
 @contextlib.contextmanager
 def fsdp_gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
     """Turn off (``enabled=False``) the gradient reduce-scatter of every FSDP2 unit in ``module`` for
@@ -122,4 +140,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied parameter (lm_head = embed_tokens) once, under its first name, as transformers saves it
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            state.pop(name, None)
+    return state

@@ -48,7 +48,15 @@ from ..core import (
     truncated_importance_weights,
 )
 from ..models import ModelSpec, as_spec, disable_dropout, freeze, load_causal_lm, load_sequence_classifier
-from ..models.distributed import all_reduce, fsdp_gradient_sync, gathered_once, is_sharded, world_size
+from ..models.distributed import (
+    all_gather_object,
+    all_reduce,
+    fsdp_gradient_sync,
+    gathered_once,
+    is_sharded,
+    rank,
+    world_size,
+)
 from ..rollout import (
     CompositeScorer,
     GenerationSpec,
@@ -560,20 +568,14 @@ class OnlineRLModule(StageModule):
     @contextlib.contextmanager
     def gradient_sync(self, enabled: bool) -> Iterator[None]:
         """Whether the backward passes in the block synchronise gradients across ranks. Off: DDP's
-        ``no_sync`` (through the strategy, under a Trainer or Fabric) and FSDP2's
+        ``no_sync`` (the Trainer strategy's ``block_backward_sync``) and FSDP2's
         ``set_requires_gradient_sync(False)`` on every sharded module. A no-op on one process and
         with ``sync_free_accumulation`` off."""
         if enabled or not self.sync_free_accumulation or world_size() == 1:
             yield
             return
         with contextlib.ExitStack() as stack:
-            if self._fabric is not None:
-                from lightning.fabric.strategies import DDPStrategy as FabricDDP
-
-                ddp = getattr(self._fabric, "_runner_module", None)
-                if isinstance(self._fabric.strategy, FabricDDP) and ddp is not None:
-                    stack.enter_context(self._fabric.no_backward_sync(ddp))
-            elif self._trainer is not None:
+            if self._trainer is not None and self._fabric is None:
                 from lightning.pytorch.strategies import ParallelStrategy
 
                 if isinstance(self.trainer.strategy, ParallelStrategy):
@@ -878,11 +880,17 @@ class OnlineRLModule(StageModule):
     def online_state_dict(self) -> dict:
         """State outside the modules and optimisers: KL controller, reward normaliser, rollout RNG,
         step counter. Saved in Lightning checkpoints (``on_save_checkpoint``); Fabric users save it
-        themselves next to the module and optimisers."""
+        themselves next to the module and optimisers.
+
+        Each rank has its own rollout generator (seeded ``seed + rank``) while a checkpoint holds one
+        copy of this state (rank 0's), so every rank's generator state is gathered into it
+        (``generators``, in rank order; a collective: every rank calls it)."""
+        gen = self.generator.get_state()
         return {
             "kl_ctl": self.kl_ctl.state_dict(),
             "reward_moments": self.reward_moments.state_dict(),
-            "generator": self.generator.get_state(),
+            "generator": gen,
+            "generators": all_gather_object(gen),
             "rollout_step": self.rollout_step,
         }
 
@@ -890,7 +898,10 @@ class OnlineRLModule(StageModule):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_moments.load_state_dict(state["reward_moments"])
         self.rollout_step = int(state["rollout_step"])
-        self._pending_generator_state = state["generator"].cpu()
+        gens = state.get("generators")
+        # this rank's generator when saved at the same world size (else rank 0's, as before)
+        gen = gens[rank()] if gens is not None and len(gens) == world_size() else state["generator"]
+        self._pending_generator_state = gen.cpu()
         self._generator = None  # rebuilt (with this state) on first use, on the right device
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
