@@ -532,7 +532,7 @@ class OnlineRLModule(StageModule):
                 mb_idx = local[j] if j < len(local) else dummy[:0]
                 micro_idx = list(mb_idx.split(micro)) if len(mb_idx) else []
                 # the mini-batch's loss normaliser over every rank: its tokens or rows
-                denom = mask[mb_idx].sum() if loss_agg == "token_mean" else torch.tensor(len(mb_idx))
+                denom = mask[mb_idx].sum() if loss_agg == "token_mean" else torch.tensor(len(mb_idx), device=self.device)
                 denom = all_reduce(denom.to(self.device, torch.float32), "sum").clamp(min=1) / world
                 for k in range(n_micro):
                     idx = micro_idx[k] if k < len(micro_idx) else dummy
