@@ -62,9 +62,13 @@ def run(task: str, args: argparse.Namespace) -> dict:
     for s in sides:
         r = results[s]
         step = median_of(r, "step_s")
+        # MFU of each round against the matmul peak its own process measured around the training.
+        mfus = [6 * n_params * tokens / x["step_s"] / (peak_for(cfg["precision"], x["matmul_peak_tflops"]) * 1e12)
+                if "matmul_peak_tflops" in x else None for x in r]  # fmt: skip
         f = {
             "step_s": step, "tokens_per_step": tokens, "tokens_per_s": tokens / step,
-            "mfu": 6 * n_params * tokens / step / peak, "peak_mib": median_of(r, "peak_mib"),
+            "mfu": median_of([{"m": m} for m in mfus], "m") or 6 * n_params * tokens / step / peak,
+            "mfu_vs_start_peak": 6 * n_params * tokens / step / peak, "peak_mib": median_of(r, "peak_mib"),
             "peak_minus_import_mib": median_of(r, "peak_minus_import_mib"), "first_loss": median_of(r, "first_loss"),
             "rounds": r,
         }  # fmt: skip
