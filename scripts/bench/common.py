@@ -45,6 +45,7 @@ SIZES = {
     # name: (hidden, layers, vocab)
     "mid": (512, 8, 32000),
     "small": (256, 4, 32000),
+    "tiny": (128, 2, 8000),
 }
 
 

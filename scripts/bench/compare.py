@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 
 from common import (
     add_common_args,
@@ -48,9 +49,11 @@ def run(task: str, args: argparse.Namespace) -> dict:
     print(f"[{task}] matmul peak here: fp32 {peaks['fp32']:.3f}, bf16 {peaks['bf16']:.3f} TFLOP/s", flush=True)
     sides = args.sides.split(",")
     jobs = {s: {"task": task, "side": s, "cfg": cfg, "assets": assets} for s in sides}
-    results = interleaved(jobs, cfg["rounds"])
-
     n_params = matmul_params(assets["classifier" if task == "reward" else "policy"])
+    try:
+        results = interleaved(jobs, cfg["rounds"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     online = task in ("grpo", "rloo")
     rows_per_step = cfg["batch"] * (cfg.get("generations", 1) if online else 1)
     pairs = 2 if task in ("reward", "dpo") else 1

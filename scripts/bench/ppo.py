@@ -23,6 +23,7 @@ its step is one number.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -97,6 +98,7 @@ def main() -> None:
     for _ in range(1, cfg["rounds"]):
         for name in list(results):
             results[name] += interleaved({name: jobs[name]}, 1)[name]
+    shutil.rmtree(work, ignore_errors=True)
     figures = {}
     for name, rs in results.items():
         f = {"step_s": median_of(rs, "step_s"), "peak_mib": median_of(rs, "peak_mib"),

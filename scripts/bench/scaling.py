@@ -1,6 +1,6 @@
 """Scaling of our DPO and PPO steps: step time and peak memory as sequence length and batch double.
 
-    python scripts/bench/scaling.py [--size small|mid] [--device cpu|cuda] [--points 4]
+    python scripts/bench/scaling.py [--size tiny|small|mid] [--device cpu|cuda] [--points 4]
 
 - DPO (sigmoid, frozen reference copy): sequence length 64, 128, 256, 512 at batch 2; batch 1, 2, 4, 8
   at sequence length 128.
@@ -8,13 +8,17 @@
   into generate / score / forward (old log-probs, reference, values) / train: new tokens 16, 32, 64,
   128 at 4 prompts of 32 tokens; prompts 2, 4, 8, 16 at 32 new tokens.
 
-Every point is a fresh process (``workers.py``; one warm-up step, then ``--steps`` timed). Writes
+Every point is a fresh process (``workers.py``; one warm-up step, then ``--steps`` timed). Step times
+(and phases) are load-adjusted: multiplied by the fp32 matmul peak the point's process measured
+around its run over the sweep's median peak (``step_s_raw`` keeps the wall time). Writes
 scaling.json / .md and scaling.png (matplotlib) into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import statistics
 
 from common import (
     add_common_args,
@@ -40,7 +44,16 @@ def sweep(task: str, base: dict, axis: str, values: list[int], work) -> list[dic
         res = run_worker({"task": task, "side": "ours", "cfg": cfg, "assets": assets})
         print(f"  {task} {axis}={v}: {res['step_s']:.3f} s/step, peak {res['peak_mib']:.0f} MiB", flush=True)
         points.append({axis: v, "step_s": res["step_s"], "peak_mib": res["peak_mib"],
-                       "peak_minus_import_mib": res["peak_minus_import_mib"], "phases": res.get("phases")})  # fmt: skip
+                       "peak_minus_import_mib": res["peak_minus_import_mib"], "phases": res.get("phases"),
+                       "matmul_fp32_tflops": res["matmul_peak_tflops"]["fp32"]})  # fmt: skip
+    # On a shared machine the load moves between points (5x seen); each worker measured the fp32 matmul
+    # peak around its own run, so time x (its peak / the sweep's median peak) puts the points on one clock.
+    ref = statistics.median(p["matmul_fp32_tflops"] for p in points)
+    for p in points:
+        k = p["matmul_fp32_tflops"] / ref
+        p["step_s_raw"], p["step_s"] = p["step_s"], p["step_s"] * k
+        if p["phases"]:
+            p["phases"] = {name: t * k for name, t in p["phases"].items()}
     return points
 
 
@@ -57,7 +70,7 @@ def plot(out: dict, path) -> None:
         ax.plot(x, [p["step_s"] for p in pts], "o-", color="C0", label="step time")
         ax.set_xscale("log", base=2)
         ax.set_xlabel({"seq": "sequence length (batch 2)", "batch": "pairs per batch (seq 128)"}[axis])
-        ax.set_ylabel("s / step")
+        ax.set_ylabel("s / step (load-adjusted)")
         ax.set_title(f"DPO: {axis} doubles")
         ax2 = ax.twinx()
         ax2.plot(x, [p["peak_minus_import_mib"] for p in pts], "s--", color="C3", label="peak RSS - imports")
@@ -73,7 +86,7 @@ def plot(out: dict, path) -> None:
             ax.bar(x, h, bottom=bottom, color=f"C{i}", label=phase)
             bottom = [b + v for b, v in zip(bottom, h, strict=True)]
         ax.set_xlabel({"new_tokens": "new tokens (4 prompts)", "batch": "prompts per step (32 new tokens)"}[axis])
-        ax.set_ylabel("s / step")
+        ax.set_ylabel("s / step (load-adjusted)")
         ax.set_title(f"PPO step (LoRA, shared critic): {axis} doubles")
         ax2 = ax.twinx()
         ax2.plot(x, [p["peak_minus_import_mib"] for p in pts], "s--", color="k", label="peak RSS - imports")
@@ -90,7 +103,7 @@ def plot(out: dict, path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, batch=2, seq=128, steps=1)
-    p.set_defaults(size="small", rounds=1)
+    p.set_defaults(size="tiny", rounds=1)
     p.add_argument("--points", type=int, default=4)
     args = p.parse_args()
     base = settings(args)
@@ -102,12 +115,13 @@ def main() -> None:
         "ppo_new_tokens": sweep("ppo", base | {"batch": 4, "seq": 32}, "new_tokens", [16 * 2**i for i in range(n)], work),
         "ppo_batch": sweep("ppo", base | {"seq": 32, "new_tokens": 32}, "batch", [2 * 2**i for i in range(n)], work),
     }
+    shutil.rmtree(work, ignore_errors=True)
     out = {"settings": base, "machine": machine(), "sweeps": sweeps}
     lines = []
     for name, pts in sweeps.items():
         axis = next(k for k in pts[0] if k not in ("step_s", "peak_mib", "peak_minus_import_mib", "phases"))
         t0, m0 = pts[0]["step_s"], pts[0]["peak_minus_import_mib"]
-        lines += [f"**{name}**", "", f"| {axis} | s/step | x first | peak MiB | net peak MiB | generate | score | forward | train |",
+        lines += [f"**{name}**", "", f"| {axis} | s/step (load-adjusted) | x first | peak MiB | net peak MiB | generate | score | forward | train |",
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for q in pts:
             ph = q["phases"] or {}
