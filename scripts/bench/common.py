@@ -14,7 +14,9 @@ of the step's batch / step time; there is no padding, every example is ``--seq``
 
 MFU = 6 * N * tokens/s / peak, with N the parameters of the matmuls a token goes through (every
 parameter except the input embedding, whose lookup is no matmul; the LM head counts) and peak the
-matmul throughput measured here at the run's precision (fp32, or bf16 for ``bf16-*``). Attention's
+square-matmul throughput at the run's precision (fp32, or bf16 for ``bf16-*``; n=1024 on CPU, 8192 on
+GPU) that the worker's own process measures just before and just after its training (the mean of the
+two: on a shared machine the load changes by the minute). MFU is the median over rounds. Attention's
 own FLOPs (``QK^T`` and ``AV``: 12 * layers * hidden * seq per token for forward + backward) are NOT
 counted -- at seq 128 and hidden 512 they add about 2% -- and neither is the frozen reference model's
 forward of DPO / GRPO (model-FLOPs utilisation of the trained model only).
@@ -43,6 +45,7 @@ SIZES = {
     # name: (hidden, layers, vocab)
     "mid": (512, 8, 32000),
     "small": (256, 4, 32000),
+    "tiny": (128, 2, 8000),
 }
 
 

@@ -51,12 +51,14 @@ def table(results: Path) -> str:
             other.append(f"| {name} | {r['summary']} | `{r['command']}` |")
     if machine is None:
         return "(no results yet: run `python scripts/bench/run_all.py`)"
-    peaks = next(iter(runs.values())).get("matmul_peak_tflops", {})
+    first = next(runs[n] for n in ORDER if n in runs)  # the machine line: from the first run in ORDER
+    machine, peaks = first.get("machine", machine), first.get("matmul_peak_tflops", {})
     lines = [
         f"Machine: {machine.get('gpu') or machine.get('cpu')} ({machine.get('cpu_count')} cores, load "
-        f"{machine.get('load_avg_1m_at_start', 0):.1f} at start), torch {machine.get('torch')}, transformers "
+        f"{machine.get('load_avg_1m_at_start', 0):.1f} at the start of {first['benchmark']}; each JSON has its own), torch {machine.get('torch')}, transformers "
         f"{machine.get('transformers')}, TRL {machine.get('trl')}. Measured matmul peak: fp32 "
-        f"{peaks.get('fp32', 0) * 1e3:.0f} GFLOP/s, bf16 {peaks.get('bf16', 0) * 1e3:.0f} GFLOP/s (one thread).",
+        f"{peaks.get('fp32', 0) * 1e3:.0f} GFLOP/s, bf16 {peaks.get('bf16', 0) * 1e3:.0f} GFLOP/s at that moment "
+        "(MFU uses the peak each worker measures around its own training).",
         "",
         "| comparison | model, batch | tokens/s ours / TRL (ratio) | step time ours/TRL | MFU ours / TRL "
         "| peak MiB ours / TRL | first-batch loss ours / TRL | command |",

@@ -85,8 +85,12 @@ def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
     n_steps = cfg["warmup"] + cfg["steps"]
     online = task in ("grpo", "rloo", "ppo")
 
+    from lightning_rlhf.models import LoraSpec, ModelSpec
+
+    lora = LoraSpec(r=16, alpha=32) if cfg.get("lora") else None
+    policy = ModelSpec(path=assets["policy"], lora=lora)
     if task == "sft":
-        module, data = SFTModule(assets["policy"], optim=optim), assets["sft"]
+        module, data = SFTModule(policy, optim=optim), assets["sft"]
     elif task == "reward":
         module, data = RewardModule(assets["classifier"], optim=optim), assets["preference"]
     elif task == "dpo":
@@ -95,17 +99,15 @@ def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
     else:
         from lightning_rlhf.rollout import GenerationSpec
 
-        common = dict(
-            reward_functions=["lightning_rlhf.demo.rewards.gold_reward"], optim=optim, log_samples_every_n_steps=0,
-            generation=GenerationSpec(max_new_tokens=cfg["new_tokens"], temperature=1.0),
-        )  # fmt: skip
+        common = dict(optim=optim, log_samples_every_n_steps=0,
+                      generation=GenerationSpec(max_new_tokens=cfg["new_tokens"], temperature=1.0))  # fmt: skip
         if task == "ppo":
-            from lightning_rlhf.models import LoraSpec, ModelSpec
-
-            lora = LoraSpec(r=16, alpha=32) if cfg.get("lora") else None
-            module = PPOModule(ModelSpec(path=assets["policy"], lora=lora), share_backbone=bool(cfg.get("lora")),
+            # A reward model (not a function) as in TRL's PPO; the critic is a value head on the
+            # policy's backbone (share_backbone) or, without, a trainable copy of the reward model.
+            module = PPOModule(policy, reward_model=assets["classifier"], share_backbone=cfg.get("share_backbone", True),
                                ppo_epochs=1, kl_coef=0.05, **common)  # fmt: skip
         else:
+            common["reward_functions"] = ["lightning_rlhf.demo.rewards.gold_reward"]
             module = GRPOModule(
                 assets["policy"], num_generations=cfg["generations"], beta=cfg["beta"],
                 advantage_estimator="rloo" if task == "rloo" else "grpo",
@@ -280,20 +282,81 @@ def trl_side(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
     return summary(times, cfg["warmup"], first.get("loss"), base_rss, cfg["device"])
 
 
+def trl_ppo(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
+    """TRL's PPOTrainer (0.2x: ``trl.experimental.ppo``): LoRA policy (reference = adapter off),
+    a full trainable value model and a frozen reward model (TRL has no shared-backbone critic)."""
+    import datasets
+    import torch
+    import trl
+    from peft import LoraConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    torch.set_num_threads(cfg["threads"])
+    times = StepTimes(cfg["device"])
+    n_steps = cfg["warmup"] + cfg["steps"]
+    tok = AutoTokenizer.from_pretrained(assets["policy"])
+    with open(assets["prompt"]) as f:
+        prompts = [json.loads(line)["prompt"] for line in f]
+    ds = datasets.Dataset.from_list([{"input_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts])
+    args = PPOConfig(
+        output_dir=os.path.join(os.path.dirname(assets["policy"]), "trl-ppo"), per_device_train_batch_size=cfg["batch"],
+        gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1, total_episodes=cfg["batch"] * n_steps,
+        local_rollout_forward_batch_size=cfg["batch"], response_length=cfg["new_tokens"], stop_token=None,
+        temperature=1.0, kl_coef=0.05, learning_rate=1e-5, lr_scheduler_type="constant", num_sample_generations=0,
+        report_to="none", save_strategy="no", use_cpu=cfg["device"] == "cpu", bf16=cfg["precision"].startswith("bf16"),
+        disable_tqdm=True, logging_steps=1, seed=0,
+    )  # fmt: skip
+    policy = AutoModelForCausalLM.from_pretrained(assets["policy"])
+    value = AutoModelForSequenceClassification.from_pretrained(assets["classifier"], num_labels=1)
+    reward = AutoModelForSequenceClassification.from_pretrained(assets["classifier"], num_labels=1)
+    peft = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if cfg.get("lora") else None
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
+                         train_dataset=ds, value_model=value, peft_config=peft)  # fmt: skip
+
+    class Timer(TrainerCallback):
+        # TRL's PPO loop calls only on_step_end per rollout batch: a step is the time between two.
+        def on_train_begin(self, args, state, control, **kw):
+            times.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.stop()
+            times.start()
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    return summary(times, cfg["warmup"], None, base_rss, cfg["device"], trl_version=trl.__version__)
+
+
 def main() -> None:
     job = json.loads(sys.argv[1])
     import torch  # noqa: F401  (imports count towards the baseline, not the peak)
     import transformers  # noqa: F401
 
-    if job["side"] == "trl":
+    if job["side"] == "trl_old":
+        sys.path.insert(0, job["trl_path"])  # an older TRL release unpacked beside ours (see ppo.py)
+    if job["side"] in ("trl", "trl_old"):
         import trl  # noqa: F401
     else:
         import lightning  # noqa: F401
 
         import lightning_rlhf.stages  # noqa: F401
+    from common import matmul_peak
+
+    cfg = job["cfg"]
+    # The matmul peak measured in this process just before and after training: on a shared machine the
+    # load changes by the minute, and MFU is only meaningful against the peak of the same moment.
+    before = matmul_peak(cfg["device"], cfg["threads"])
     base = current_rss_mib()
-    fn = ours if job["side"] == "ours" else trl_side
-    res = fn(job["task"], job["cfg"], job["assets"], base)
+    fn = {"ours": ours, "trl": trl_side, "trl_old": trl_ppo}[job["side"]]
+    res = fn(job["task"], cfg, job["assets"], base)
+    after = matmul_peak(cfg["device"], cfg["threads"])
+    res["matmul_peak_tflops"] = {k: (before[k] + after[k]) / 2 for k in before}
     res["import_rss_mib"] = base
     print(json.dumps(res))
 

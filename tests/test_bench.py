@@ -1,0 +1,72 @@
+"""scripts/bench/: the FLOP count behind MFU, the equal-length records, and one real TRL comparison."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+BENCH = REPO_ROOT / "scripts" / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+
+CFG = {"hidden": 128, "layers": 2, "vocab": 300, "seq": 24, "batch": 2, "warmup": 1, "steps": 1}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return common.build_assets(CFG, tmp_path_factory.mktemp("bench"), kinds=("sft", "reward", "preference"))
+
+
+def test_matmul_params_is_every_parameter_but_the_input_embedding(assets):
+    for key, cls in (("policy", AutoModelForCausalLM), ("classifier", AutoModelForSequenceClassification)):
+        model = cls.from_pretrained(assets[key])
+        expected = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+        assert common.matmul_params(assets[key]) == expected, key
+
+
+def test_every_example_is_exactly_seq_tokens_with_eos(assets):
+    from lightning_rlhf.data import RLHFDataModule
+
+    for kind, path in (("sft", assets["sft"]), ("preference", assets["preference"])):
+        dm = RLHFDataModule(path, kind=kind, tokenizer=assets["tokenizer"], batch_size=4, max_length=64,
+                            max_prompt_length=32, shuffle=False)  # fmt: skip
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["input_ids"].shape[-1] == CFG["seq"], kind  # no padding: every row is seq long
+        assert bool(batch["attention_mask"].bool().all()), kind
+
+
+def test_reference_differs_from_policy(assets):
+    # DPO's first-batch loss is only a check when policy and reference differ (else it is log 2).
+    a = AutoModelForCausalLM.from_pretrained(assets["policy"]).model.layers[0].mlp.up_proj.weight
+    b = AutoModelForCausalLM.from_pretrained(assets["reference"]).model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_sft_comparison_runs_both_sides_and_writes_the_readme_table(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(BENCH / "sft.py"), "--size", "small", "--batch", "2", "--seq", "16", "--steps", "1",
+           "--rounds", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "sft.json").read_text())
+    check = res["first_loss_check"]
+    assert check["ok"], check  # both sides computed the same loss on the same first batch
+    for side in ("ours", "trl"):
+        f = res["figures"][side]
+        assert f["step_s"] > 0 and f["peak_mib"] > 0 and 0 < f["mfu"]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:begin -->\nold\n<!-- bench:end -->\noutro\n")
+    subprocess.run([sys.executable, str(BENCH / "readme_table.py"), "--results", str(out), "--readme", str(readme)],
+                   check=True, timeout=120)  # fmt: skip
+    text = readme.read_text()
+    assert "old" not in text and "sft vs TRL SFTTrainer" in text and text.endswith("outro\n")
+    assert f"{check['ours']:.5f} / {check['trl']:.5f} (same)" in text
