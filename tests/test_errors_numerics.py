@@ -210,3 +210,77 @@ def test_online_export_and_checkpoint_refuse_nan_weights(name, tiny_model_dir, t
     assert not (tmp_path / "export").exists()
     with pytest.raises(NonFiniteError, match="a checkpoint with non-finite weights"):
         module.on_save_checkpoint({"state_dict": module.state_dict()})
+
+
+AGREED_SCRIPT = """
+import json, math, sys, torch, lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning_rlhf.data import RLHFDataModule
+from lightning_rlhf.stages import GRPOModule, PPOModule, grpo, ppo
+
+kind, strategy, what, base, prompts = sys.argv[1:6]
+L.seed_everything(0)
+common = dict(policy=base, reward_model=base, generation={"max_new_tokens": 4}, normalize_rewards=True,
+              optim={"learning_rate": 1e-2, "scheduler": "constant"}, log_samples_every_n_steps=0)
+m = PPOModule(ppo_epochs=1, **common) if kind == "ppo" else GRPOModule(num_generations=2, **common)
+stage = ppo if kind == "ppo" else grpo
+original = stage.ppo_policy_loss
+
+
+def poisoned(*args, **kwargs):  # rank 1 only, rollout step 1: its loss is NaN
+    loss, stats = original(*args, **kwargs)
+    return (loss * math.nan if what == "loss" and m.global_rank == 1 and m.rollout_step == 1 else loss), stats
+
+
+stage.ppo_policy_loss = poisoned
+sums = []
+
+
+class Poison(L.Callback):  # rank 1 only, rollout step 1: its reward model scores inf
+    hook = None
+
+    def on_train_batch_start(self, trainer, module, *args):
+        if what == "reward_model" and trainer.global_rank == 1 and module.rollout_step == 1:
+            self.hook = module.reward_model.score.register_forward_hook(lambda *a: torch.full_like(a[2], math.inf))
+
+    def on_train_batch_end(self, trainer, module, *args):
+        if self.hook is not None:
+            self.hook.remove()
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in module.state_dict().values()]
+        sums.append(f"{sum(float(p.detach().double().sum()) for p in full):.12e}")
+
+
+strat = "ddp" if strategy == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+t = L.Trainer(accelerator="cpu", devices=2, strategy=strat, max_epochs=1, limit_train_batches=3, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Poison()])
+t.fit(m, RLHFDataModule(prompts, batch_size=2))
+with open(f"result-{t.global_rank}.json", "w") as f:
+    json.dump({"sums": sums, "skipped": m.nonfinite_skipped}, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("kind", "strategy", "what"), [("ppo", "fsdp2", "reward_model"), ("grpo", "ddp", "loss")])
+def test_online_nonfinite_skip_is_agreed_across_ranks(kind, strategy, what, tiny_model_dir, tmp_path):
+    """Only rank 1 sees the inf reward / NaN loss at rollout step 1: both ranks skip that step, count it, and
+    end with the same weights. A rank deciding alone runs collectives the other does not (the reward
+    normaliser's gather, FSDP2's forwards and clipping): gloo then fails or hangs (the timeout fails it),
+    as this test does with the all-reduce of ``nonfinite_step`` removed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "run.py").write_text(AGREED_SCRIPT)
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    args = [sys.executable, "run.py", kind, strategy, what, str(tiny_model_dir),
+            str(root / "data/demo/reviews/prompts_eval.jsonl")]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1))
+    assert r0 == r1  # the same weights after every rollout step, the same count, on both ranks
+    sums = r0["sums"]
+    assert r0["skipped"] == 1 and sums[1] == sums[0] != sums[2]  # rollout step 1 skipped; step 2 trained
