@@ -318,9 +318,13 @@ def check_finite(state: dict, what: str) -> None:
 
 
 def grads_finite(params) -> bool:
-    """Whether every gradient of ``params`` is finite (this rank's shard of a sharded one; one sync)."""
+    """Whether every gradient of ``params`` is finite (this rank's shard of a sharded one; one sync).
+
+    Read from the total 2-norm (foreach kernels; ~10x cheaper than ``isfinite`` per tensor on the demo
+    model, ``scripts/bench_nonfinite.py``): a NaN/inf anywhere makes it NaN/inf. Finite gradients beyond
+    ~1e19 overflow it too, and count as non-finite."""
     grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
 class OfflineStageModule(StageModule):
