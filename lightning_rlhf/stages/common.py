@@ -283,10 +283,10 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
         if not bool(all_reduce(bad, "max")):
             return False
         if self.optim.nonfinite == "stop":
+            hint = "check the reward model" if (what or "").startswith("rewards") else "lower optim.learning_rate, check the data"
             raise NonFiniteError(
                 f"{type(self).__name__}: non-finite {what or 'values on another rank'} at {where} "
-                "(optim.nonfinite='stop'); lower optim.learning_rate, check the data and the reward, or set "
-                "optim.nonfinite: skip"
+                f"(optim.nonfinite='stop'); {hint}, or set optim.nonfinite: skip"
             )
         self.nonfinite_skipped += 1
         return True
