@@ -72,6 +72,7 @@ from .common import (
     as_dataclass,
     build_optimizer,
     build_scheduler,
+    grads_finite,
     total_training_steps,
 )
 
@@ -318,6 +319,7 @@ class OnlineRLModule(StageModule):
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
         self._schedulers: list = []
+        self._nonfinite_rewards_at: int | None = None  # the rollout step whose rewards were NaN/inf (skipped)
         self.timings: dict[str, float] = {}
         self.last_samples: list[dict] = []
         self.save_hyperparameters()
@@ -440,6 +442,15 @@ class OnlineRLModule(StageModule):
         if optimizer is self.optimizer_list()[0]:  # the actor's (first) optimiser: the policy moved
             self._policy_version += 1
 
+    def _grad_scaler_enabled(self) -> bool:
+        """Whether a GradScaler (``16-mixed``) of the Trainer or of Fabric scales the gradients."""
+        if self._fabric is not None:
+            plugin = getattr(self._fabric, "_precision", None)
+        else:
+            plugin = self.trainer.precision_plugin if self._trainer is not None else None
+        scaler = getattr(plugin, "scaler", None)
+        return scaler is not None and scaler.is_enabled()
+
     def _loss_scale(self) -> float:
         """The GradScaler's current scale when the gradients are still scaled at clipping time, else 1.
 
@@ -534,10 +545,12 @@ class OnlineRLModule(StageModule):
                 # the mini-batch's loss normaliser over every rank: its tokens or rows
                 denom = mask[mb_idx].sum() if loss_agg == "token_mean" else torch.tensor(len(mb_idx), device=self.device)
                 denom = all_reduce(denom.to(self.device, torch.float32), "sum").clamp(min=1) / world
+                loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)  # any micro-batch's loss NaN/inf
                 for k in range(n_micro):
                     idx = micro_idx[k] if k < len(micro_idx) else dummy
                     mb, *rows = take(rollout, idx, *aligned)
                     loss, stats = loss_fn(mb, idx, *rows)
+                    loss_bad = loss_bad | ~torch.isfinite(loss.detach()).all()
                     real = k < len(micro_idx)
                     # weight so that the accumulated gradient is that of the whole mini-batch's loss
                     count = mb.response_mask.sum() if loss_agg == "token_mean" else len(idx)
@@ -549,8 +562,12 @@ class OnlineRLModule(StageModule):
                             history[key].append(v)
                         if target_kl is not None:
                             kl_sum, kl_count = kl_sum + stats["train/approx_kl"].detach(), kl_count + 1
-                for opt, max_grad_norm in optimizers:
-                    self.clip_and_step(opt, max_grad_norm)
+                if self.skip_nonfinite_step(loss_bad, [opt for opt, _ in optimizers]):
+                    for opt, _ in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                else:
+                    for opt, max_grad_norm in optimizers:
+                        self.clip_and_step(opt, max_grad_norm)
             epochs_done += 1
             if target_kl is not None:
                 total = all_reduce(torch.stack([kl_sum.float(), torch.tensor(float(kl_count), device=self.device)]))
@@ -558,7 +575,25 @@ class OnlineRLModule(StageModule):
                     break
         for sched in self.schedulers():
             sched.step()
-        return {k: float(torch.stack(v).float().mean()) for k, v in history.items()}, epochs_done
+        out = {k: float(torch.stack(v).float().mean()) for k, v in history.items()}
+        out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
+        return out, epochs_done
+
+    def skip_nonfinite_step(self, loss_bad: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+        """Whether to skip the optimiser steps of this mini-batch (every optimiser; decided on every rank
+        alike by ``StageModule.nonfinite_step``): the rollout's rewards were non-finite, or a micro-batch's
+        loss (``loss_bad``) or a gradient is, here or on another rank. With ``optim.nonfinite: stop`` it
+        raises instead, naming what and the rollout step.
+
+        Under ``16-mixed`` (a GradScaler), overflowed gradients are the scaler's to handle (it skips that
+        step and lowers its scale), so only the loss is checked there."""
+        if self._nonfinite_rewards_at == self.rollout_step:  # agreed and counted when scored
+            return True
+        what = "loss" if bool(loss_bad) else None
+        if what is None and not self._grad_scaler_enabled():
+            params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+            what = None if grads_finite(params) else "gradients"
+        return self.nonfinite_step(what, f"rollout step {self.rollout_step + 1}")
 
     sync_free_accumulation: bool = True
     """Accumulate the gradients of a mini-batch's micro-batches without synchronising them across
@@ -709,6 +744,7 @@ class OnlineRLModule(StageModule):
         if self.diagnostic_scorer is not None:
             _, diagnostics = self.diagnostic_scorer(rollout, prompts, completions, extra)
         raw = raw.float().to(self.device)
+        self.check_scores(raw, parts)
         return Scores(
             rewards=self.shape_scores(raw, rollout.finished),
             raw=raw,
@@ -718,12 +754,29 @@ class OnlineRLModule(StageModule):
             completions=completions,
         )
 
+    def check_scores(self, raw: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Non-finite scores (a reward model's NaN/inf; reward functions are refused NaN/inf by their
+        scorer) on any rank: ``optim.nonfinite: stop`` raises naming the source, the rows and the
+        rollout step; ``skip`` marks this rollout step so that none of its optimiser steps is taken and
+        the reward normaliser does not take them in. Every rank calls it (an all-reduce)."""
+        bad = ~torch.isfinite(raw)
+        what = None
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            sources = [k for k, v in parts.items() if not bool(torch.isfinite(v.to(bad.device)[bad]).all())]
+            what = (
+                f"rewards ({', '.join(sources) or 'the weighted sum'}: {raw[bad][0].item()} at rows "
+                f"{rows[:8]}{' ...' if len(rows) > 8 else ''} of {len(raw)})"
+            )
+        if self.nonfinite_step(what, f"rollout step {self.rollout_step + 1}"):
+            self._nonfinite_rewards_at = self.rollout_step
+
     def shape_scores(self, raw: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         """Missing-EOS penalty, then running normalisation, then clipping: ``(N,)`` -> ``(N,)``."""
         r = raw.clone()
         if self.missing_eos_penalty is not None:
             r = r - self.missing_eos_penalty * (~finished.to(r.device)).float()
-        if self.normalize_rewards:
+        if self.normalize_rewards and self._nonfinite_rewards_at != self.rollout_step:  # NaN would stick
             self.reward_moments.update(self._gather(r))
             r = (r - self.reward_moments.mean) / (self.reward_moments.std + 1e-8)
         if self.reward_clip is not None:
@@ -892,12 +945,14 @@ class OnlineRLModule(StageModule):
             "generator": gen,
             "generators": all_gather_object(gen),
             "rollout_step": self.rollout_step,
+            "nonfinite_skipped": self.nonfinite_skipped,
         }
 
     def load_online_state_dict(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_moments.load_state_dict(state["reward_moments"])
         self.rollout_step = int(state["rollout_step"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         gens = state.get("generators")
         # this rank's generator when saved at the same world size (else rank 0's, as before)
         gen = gens[rank()] if gens is not None and len(gens) == world_size() else state["generator"]

@@ -61,6 +61,8 @@ class PPOModule(OnlineRLModule):
         critic_init: where the default critic comes from: ``reward_model`` (InstructGPT) or ``policy``.
         share_backbone: no separate critic: a value head on the policy's backbone.
         critic_optim: the critic's (or value head's) optimiser and schedule. Default: ``OptimSpec()``.
+            Its ``nonfinite`` is not read: ``optim.nonfinite`` decides for the whole step (actor and
+            critic are skipped together, or the run stops).
         ppo_epochs: passes over the rollout per step.
         mini_batch_size: rollout rows per optimiser step (None: the whole rollout, one step per epoch).
         micro_batch_size: rows per forward/backward; gradients are accumulated over the mini-batch
