@@ -74,10 +74,10 @@ def build_scheduler(optimizer, spec: OptimSpec, total_steps: int):
 
 
 def total_training_steps(module: LightningModule, fallback: int = 1000) -> int:
+    """The optimiser steps (automatic stages) or training batches (online stages) of the run: the
+    Trainer's ``estimated_stepping_batches``, or the Fabric runner's ``planned_training_steps``."""
     trainer = getattr(module, "_trainer", None)
-    if trainer is None:
-        return fallback
-    steps = trainer.estimated_stepping_batches
+    steps = trainer.estimated_stepping_batches if trainer is not None else getattr(module, "planned_training_steps", None)
     return fallback if steps is None or math.isinf(steps) else int(steps)
 
 
@@ -187,6 +187,9 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
     """
 
     data_kind: str = ""
+    planned_training_steps: int | None = None
+    """Training batches of the run when no Trainer drives the module (set by the Fabric runner, for
+    the learning-rate schedule's length)."""
 
     def __init__(self, tokenizer_path: str, output_dir: str | None, merge_lora: bool = True):
         super().__init__()
@@ -199,6 +202,12 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
 
     def exported_model(self) -> nn.Module:
         raise NotImplementedError
+
+    @property
+    def global_rank(self) -> int:
+        """This process's rank under a Trainer or Fabric (Lightning's own property reads the Trainer
+        only, so under Fabric every rank would be 0: the same rollout seed, every rank exporting)."""
+        return self._fabric.global_rank if self._fabric is not None else super().global_rank
 
     def true_precision_dtype(self) -> torch.dtype | None:
         """The parameter dtype of a ``*-true`` precision (``bf16-true``: bfloat16, ...) of the
@@ -248,7 +257,7 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
 
         model = self.exported_model()
         state = full_state_dict(model)
-        if self._trainer is not None and not self.trainer.is_global_zero:
+        if self.global_rank != 0:
             return None
         check_finite(state if state is not None else model.state_dict(), f"an export to {out_dir}")
         out = Path(out_dir)
@@ -308,7 +317,7 @@ class OfflineStageModule(StageModule):
         # the step on every rank (grads set to None: AdamW leaves those parameters and their state alone).
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         bad = self._loss_nonfinite or any(not bool(torch.isfinite(p.grad).all()) for p in params)
-        if self._trainer is not None:
+        if self._trainer is not None or self._fabric is not None:
             bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
         if bad:
             if self.optim.nonfinite == "stop":
