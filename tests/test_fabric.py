@@ -128,19 +128,19 @@ def test_unsupported_trainer_options_are_refused_with_a_message(tmp_path):
 # Two processes (gloo) through `lightning-rlhf fabric`: each rank writes its weights after training.
 
 RANK_SCRIPT = """
-import json, sys, torch
+import json, os, sys, torch
 from lightning_rlhf import fabric as F
 from lightning_rlhf.cli import main
-from lightning_rlhf.models.distributed import full_state_dict
 
 fit = F.FabricRunner.fit
 def fit_and_record(self, module, datamodule, ckpt_path=None):
     fit(self, module, datamodule, ckpt_path)
     model = module.exported_model()
-    state = full_state_dict(model) or model.state_dict()
+    # every rank's own copy: the full tensors under FSDP2 (gathered on each rank), the replicas under DDP
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     rank = self.fabric.global_rank
-    torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, f"weights-{rank}.pt")
-    with open(f"rank-{rank}.json", "w") as f:
+    torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, os.path.join(os.environ["RANK_OUT"], f"weights-{rank}.pt"))
+    with open(os.path.join(os.environ["RANK_OUT"], f"rank-{rank}.json"), "w") as f:
         json.dump({"rank": module.global_rank, "world": self.fabric.world_size, "step": self.step,
                    "rollout_step": getattr(module, "rollout_step", None)}, f)
 F.FabricRunner.fit = fit_and_record
@@ -175,7 +175,8 @@ def _run(tmp_path: Path, command: str, config: str, strategy: str, extra: list[s
     work = tmp_path / f"{command}-{strategy}"
     work.mkdir()
     (work / "run.py").write_text(RANK_SCRIPT)
-    args = [sys.executable, "run.py" if command == "fabric" else "-m", *([] if command == "fabric" else ["lightning_rlhf"])]
+    args = [sys.executable, str(work / "run.py") if command == "fabric" else "-m"]
+    args += [] if command == "fabric" else ["lightning_rlhf"]
     args += [command, "--config", config, "--trainer.devices", "2", "--trainer.logger", "false",
              "--model.init_args.output_dir", str(work / "out")]  # fmt: skip
     if strategy == "fsdp2":
@@ -183,8 +184,8 @@ def _run(tmp_path: Path, command: str, config: str, strategy: str, extra: list[s
         args += ["--config", str(work / "fsdp2.yaml")]
     else:
         args += ["--trainer.strategy", "ddp"]
-    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(args + extra, cwd=work, env=env, capture_output=True, text=True, timeout=420)
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RANK_OUT=str(work))
+    proc = subprocess.run(args + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return work
 
