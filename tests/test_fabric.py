@@ -152,6 +152,12 @@ FSDP2_YAML = (
     "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n"
 )
 
+LENGTH_REWARD = """
+def length(prompts, completions, **_):
+    # signal in almost every group of a random model's samples, so every step has gradients
+    return [float(len(c)) for c in completions]
+"""
+
 GRPO_YAML = """
 seed_everything: 0
 trainer: {{accelerator: cpu, devices: 2, max_epochs: 1, limit_train_batches: 2, logger: false}}
@@ -159,7 +165,7 @@ model:
   class_path: lightning_rlhf.stages.GRPOModule
   init_args:
     policy: {policy}
-    reward_functions: [{gold}]
+    reward_functions: [length_reward.length]
     num_generations: 2
     beta: 0.1
     kl_target: 0.01
@@ -172,6 +178,7 @@ data: {{train_files: {prompts}, batch_size: 2, max_prompt_length: 32}}
 
 
 def _run(tmp_path: Path, command: str, config: str, strategy: str, extra: list[str]) -> Path:
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
     work = tmp_path / f"{command}-{strategy}"
     work.mkdir()
     (work / "run.py").write_text(RANK_SCRIPT)
@@ -184,7 +191,7 @@ def _run(tmp_path: Path, command: str, config: str, strategy: str, extra: list[s
         args += ["--config", str(work / "fsdp2.yaml")]
     else:
         args += ["--trainer.strategy", "ddp"]
-    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RANK_OUT=str(work))
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{tmp_path}", RANK_OUT=str(work))
     proc = subprocess.run(args + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return work
@@ -193,23 +200,24 @@ def _run(tmp_path: Path, command: str, config: str, strategy: str, extra: list[s
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
-def test_two_processes_under_fabric_keep_ranks_equal_and_match_the_trainer(tmp_path, stage):
+def test_two_processes_under_fabric_keep_ranks_equal_and_match_the_trainer(tmp_path, stage, tiny_model_dir):
     """DDP and FSDP2 under ``lightning-rlhf fabric``: after training both ranks hold the same weights
     (they trained on different batches, so the gradients were all-reduced: under DDP the online
     stages' backward inside training_step needs the reducer prepared), equal to the Trainer's DDP run
     on the same global batches."""
-    from lightning_rlhf.demo.assets import base_model_dir
-
     if stage == "sft":
         config = str(ROOT / "configs/demo/sft.yaml")
         extra = ["--trainer.max_steps", "3", "--data.batch_size", "8", "--trainer.callbacks", "[]",
+                 "--model.init_args.policy.path", str(tiny_model_dir),
                  "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0"]  # fmt: skip
     else:
         config = str(tmp_path / "grpo.yaml")
-        Path(config).write_text(GRPO_YAML.format(policy=base_model_dir(), gold=GOLD,
+        Path(config).write_text(GRPO_YAML.format(policy=tiny_model_dir,
                                                  prompts=ROOT / "data/demo/reviews/prompts_eval.jsonl"))
         extra = ["--trainer.enable_progress_bar", "false"]
     reference = load_file(_run(tmp_path, "fit", config, "ddp", extra) / "out" / "model.safetensors")
+    init = load_file(tiny_model_dir / "model.safetensors")
+    assert all(not torch.allclose(w, init[n]) for n, w in reference.items())  # every weight trained
     for strategy in ("ddp", "fsdp2"):
         work = _run(tmp_path, "fabric", config, strategy, extra)
         ranks = [json.loads((work / f"rank-{r}.json").read_text()) for r in (0, 1)]
