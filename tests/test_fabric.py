@@ -26,12 +26,12 @@ PREFS = ROOT / "data/demo/reviews/pref_train.jsonl"
 GOLD = "lightning_rlhf.demo.rewards.gold_reward"
 
 
-def _module(stage: str, policy: Path, out: Path):
+def _module(stage: str, policy: Path, out: Path, **extra):
     from lightning_rlhf.stages import DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
 
     optim = {"learning_rate": 1e-3, "warmup_steps": 1}
     online = dict(policy=str(policy), reward_functions=[GOLD], generation={"max_new_tokens": 6}, optim=optim,
-                  output_dir=str(out), log_samples_every_n_steps=0)  # fmt: skip
+                  output_dir=str(out), log_samples_every_n_steps=0, **extra)  # fmt: skip
     return {
         "sft": lambda: SFTModule(policy=str(policy), optim=optim, output_dir=str(out)),
         "reward": lambda: RewardModule(model=str(policy), optim=optim, output_dir=str(out)),
@@ -94,7 +94,7 @@ def test_checkpoint_and_resume_equal_a_straight_run(tmp_path, tiny_model_dir, pr
 
     def run(out, max_steps, ckpt_dir=None, ckpt_path=None):
         lightning.seed_everything(0)
-        module = _module("grpo", tiny_model_dir, out)
+        module = _module("grpo", tiny_model_dir, out, schedule_steps=2)  # the same LR schedule in all runs
         runner = FabricRunner(build_fabric("cpu", 1), max_steps=max_steps, max_epochs=1, checkpoint_dir=ckpt_dir)
         runner.fit(module, _data("grpo", None, prompt_file), ckpt_path=ckpt_path)
         return module, runner
@@ -169,6 +169,7 @@ model:
     num_generations: 2
     beta: 0.1
     kl_target: 0.01
+    schedule_steps: 2             # the LR schedule's length whatever max_steps stops the run at
     micro_batch_size: 2
     generation: {{max_new_tokens: 8}}
     optim: {{learning_rate: 1.0e-3}}
@@ -231,3 +232,31 @@ def test_two_processes_under_fabric_keep_ranks_equal_and_match_the_trainer(tmp_p
         for name, w in reference.items():
             torch.testing.assert_close(exported[name], w, atol=1e-5, rtol=1e-4, msg=f"{strategy} {name}")
             torch.testing.assert_close(w0[name], w, atol=1e-5, rtol=1e-4, msg=f"{strategy} {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sharded_fabric_checkpoint_resumes_to_the_straight_run(tmp_path, tiny_model_dir):
+    """GRPO under FSDP2 through ``lightning-rlhf fabric``: 1 rollout step and a distributed checkpoint
+    (a folder of shards), then a new run resumed from it for the 2nd step, equals 2 steps straight
+    (each rank's rollout generator, the KL controller and the data position come back)."""
+    config = tmp_path / "grpo.yaml"
+    config.write_text(GRPO_YAML.format(policy=tiny_model_dir, prompts=ROOT / "data/demo/reviews/prompts_eval.jsonl"))
+    (tmp_path / "straight").mkdir()
+    straight = _run(tmp_path / "straight", "fabric", str(config), "fsdp2", ["--trainer.max_steps", "2"])
+    (tmp_path / "first").mkdir()
+    ckpt = tmp_path / "ckpt"
+    _run(tmp_path / "first", "fabric", str(config), "fsdp2", ["--trainer.max_steps", "1", "--checkpoint_dir", str(ckpt)])
+    assert (ckpt / "last.ckpt").is_dir()  # sharded: a distributed-checkpoint folder
+    first = torch.load(tmp_path / "first" / "fabric-fsdp2" / "weights-0.pt")
+    (tmp_path / "resumed").mkdir()
+    resumed = _run(tmp_path / "resumed", "fabric", str(config), "fsdp2",
+                   ["--trainer.max_steps", "2", "--ckpt_path", str(ckpt / "last.ckpt")])  # fmt: skip
+    for rank in (0, 1):
+        r = json.loads((resumed / f"rank-{rank}.json").read_text())
+        assert r["step"] == 2 and r["rollout_step"] == 2
+        a = torch.load(straight / f"weights-{rank}.pt")
+        b = torch.load(resumed / f"weights-{rank}.pt")
+        for name, w in a.items():
+            torch.testing.assert_close(b[name], w, atol=1e-6, rtol=0, msg=f"rank {rank} {name}")
+    assert any(not torch.allclose(first[n], w) for n, w in a.items())  # the resumed step really trained
