@@ -164,6 +164,8 @@ class FabricRunner:
     def fit(self, module, datamodule, ckpt_path: str | Path | None = None):
         """Train ``module`` on ``datamodule``'s training data (resuming from ``ckpt_path``); returns the
         module. Launches Fabric's processes first when it has not been launched yet."""
+        if ckpt_path is not None and not Path(ckpt_path).exists():  # before any model is loaded
+            raise _config_error(f"ckpt_path: {ckpt_path} does not exist")
         if getattr(self.fabric, "_launched", False):
             return self._fit(self.fabric, module, datamodule, ckpt_path)
         return self.fabric.launch(self._fit, module, datamodule, ckpt_path)
@@ -289,8 +291,6 @@ class FabricRunner:
         return path
 
     def load(self, path: str | Path, model, module, opts, scheds, datamodule) -> None:
-        if not Path(path).exists():
-            raise _config_error(f"ckpt_path: {path} does not exist")
         state = self.checkpoint_state(model, module, opts, scheds, datamodule)
         self.fabric.load(path, state)
         loop = state["loop"]
