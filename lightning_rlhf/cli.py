@@ -4,6 +4,7 @@
     lightning-rlhf validate --config ...
     lightning-rlhf pipeline --config configs/demo/pipeline.yaml --output_dir outputs/demo
     lightning-rlhf generate --model outputs/demo/sft --prompt "Write a review of a kettle."
+    lightning-rlhf fabric --config configs/demo/sft.yaml
     lightning-rlhf plan-memory --model llama-2-7b --stage ppo --lora --gpus 8 --fsdp
 
 A user's mistake (data, config, paths, reward functions) is one ``error: ...`` message on stderr and a
@@ -27,7 +28,7 @@ from dataclasses import fields, is_dataclass
 from .errors import UNION_NOISE, debug_requested, reported
 
 TOP_HELP = """\
-usage: lightning-rlhf [--debug] {fit,validate,test,predict,pipeline,generate,plan-memory} ...
+usage: lightning-rlhf [--debug] {fit,validate,test,predict,fabric,pipeline,generate,plan-memory} ...
 
 RLHF and preference tuning as PyTorch Lightning modules.
 
@@ -36,6 +37,8 @@ commands:
   validate    one evaluation epoch over the validation set
   test        one evaluation epoch over the test set
   predict     run inference on your data
+  fabric      train a stage under Lightning Fabric, from the same YAML:
+              lightning-rlhf fabric --config configs/demo/sft.yaml
   pipeline    run stages in order and compare their models:
               lightning-rlhf pipeline --config configs/demo/pipeline.yaml --output_dir outputs/demo
   generate    sample a trained model: lightning-rlhf generate --model outputs/demo/sft --prompt "..."
@@ -281,6 +284,10 @@ def _dispatch(args: list[str], argv: list[str] | None, debug: bool) -> None:
             from .generate_cli import main as generate_main
 
             generate_main(args[1:])
+        elif args[0] == "fabric":
+            from .fabric import main as fabric_main
+
+            fabric_main(args[1:])
         elif args[0] == "plan-memory":
             from .memory import main as plan_memory_main
 

@@ -75,10 +75,10 @@ def build_scheduler(optimizer, spec: OptimSpec, total_steps: int):
 
 
 def total_training_steps(module: LightningModule, fallback: int = 1000) -> int:
+    """The optimiser steps (automatic stages) or training batches (online stages) of the run: the
+    Trainer's ``estimated_stepping_batches``, or the Fabric runner's ``planned_training_steps``."""
     trainer = getattr(module, "_trainer", None)
-    if trainer is None:
-        return fallback
-    steps = trainer.estimated_stepping_batches
+    steps = trainer.estimated_stepping_batches if trainer is not None else getattr(module, "planned_training_steps", None)
     return fallback if steps is None or math.isinf(steps) else int(steps)
 
 
@@ -188,6 +188,9 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
     """
 
     data_kind: str = ""
+    planned_training_steps: int | None = None
+    """Training batches of the run when no Trainer drives the module (set by the Fabric runner, for
+    the learning-rate schedule's length)."""
 
     def __init__(self, tokenizer_path: str, output_dir: str | None, merge_lora: bool = True):
         super().__init__()
@@ -200,6 +203,12 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
 
     def exported_model(self) -> nn.Module:
         raise NotImplementedError
+
+    @property
+    def global_rank(self) -> int:
+        """This process's rank under a Trainer or Fabric (Lightning's own property reads the Trainer
+        only, so under Fabric every rank would be 0: the same rollout seed, every rank exporting)."""
+        return self._fabric.global_rank if self._fabric is not None else super().global_rank
 
     def true_precision_dtype(self) -> torch.dtype | None:
         """The parameter dtype of a ``*-true`` precision (``bf16-true``: bfloat16, ...) of the
@@ -249,7 +258,7 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
 
         model = self.exported_model()
         state = full_state_dict(model)
-        if self._trainer is not None and not self.trainer.is_global_zero:
+        if self.global_rank != 0:
             return None
         check_finite(state if state is not None else model.state_dict(), f"an export to {out_dir}")
         out = Path(out_dir)

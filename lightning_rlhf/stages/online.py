@@ -615,8 +615,29 @@ class OnlineRLModule(StageModule):
 
                 if isinstance(self.trainer.strategy, ParallelStrategy):
                     stack.enter_context(self.trainer.strategy.block_backward_sync())
+            ddp = self.fabric_ddp()
+            if ddp is not None:
+                stack.enter_context(ddp.no_sync())
             stack.enter_context(fsdp_gradient_sync(self, False))
             yield
+
+    _fabric_ddp_ref: Callable | None = None  # a weak reference, set by lightning_rlhf.fabric.FabricRunner
+
+    def fabric_ddp(self):
+        """The ``DistributedDataParallel`` wrapping this module under Fabric's DDP (None otherwise)."""
+        return self._fabric_ddp_ref() if self._fabric is not None and self._fabric_ddp_ref is not None else None
+
+    def manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """``loss.backward()`` through the Trainer's strategy or ``fabric.backward``. Under Fabric's DDP
+        the backward runs inside ``training_step``, outside any ``DistributedDataParallel.forward``,
+        so the reducer is told to expect this backward first (as Lightning's manual optimisation does
+        under the Trainer); without it DDP would not all-reduce these gradients."""
+        ddp = self.fabric_ddp()
+        if ddp is not None:
+            from lightning.pytorch.overrides.distributed import prepare_for_backward
+
+            prepare_for_backward(ddp, loss)
+        super().manual_backward(loss, *args, **kwargs)
 
     # --------------------------------------------------------------------------------- rollout
 

@@ -103,9 +103,11 @@ class RewardModule(OfflineStageModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, chosen, rejected = self._step(batch)
         bs = chosen.shape[0]
-        self.train_accuracy(_wins(chosen, rejected), torch.ones_like(chosen, dtype=torch.long))
+        batch_accuracy = self.train_accuracy(_wins(chosen, rejected), torch.ones_like(chosen, dtype=torch.long))
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/accuracy", self.train_accuracy, prog_bar=True, batch_size=bs)
+        # Fabric's log takes numbers only: this batch's accuracy there (the Trainer averages the metric)
+        accuracy = self.train_accuracy if self._fabric is None else batch_accuracy
+        self.log("train/accuracy", accuracy, prog_bar=True, batch_size=bs)
         rewards = torch.cat([chosen, rejected]).detach()
         self.log("train/margin_mean", (chosen - rejected).detach().mean(), batch_size=bs)
         self.log("train/reward_mean", rewards.mean(), batch_size=bs)
