@@ -182,6 +182,7 @@ class VLLMEngine:
                 kwargs["enable_sleep_mode"] = spec.enable_sleep_mode
             self.llm = LLM(**kwargs)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.dtype = getattr(torch, dtype)  # the engine's weights' dtype; synced weights are cast to it
         self.sleeping = False
         self.synced_version: int | None = None  # policy version whose weights the engine holds
         self.last_sync_s = 0.0
@@ -230,7 +231,11 @@ class VLLMEngine:
         with host_state_kept():
             self.llm.collective_rpc(
                 "reload_weights",
-                kwargs={"weights_iterator": policy_weights(model), "is_checkpoint_format": True},
+                kwargs={
+                    # cast here, one parameter at a time: vLLM would cast too, warning once per weight
+                    "weights_iterator": ((n, w.to(self.dtype)) for n, w in policy_weights(model)),
+                    "is_checkpoint_format": True,
+                },
             )
             if self.tied:
                 self.llm.apply_model(_refresh_tied_lm_head)
