@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "scripts" / "bench"
 sys.path.insert(0, str(BENCH))
 
