@@ -27,7 +27,7 @@ def test_gpu_check_dry_run_on_cpu(repo_root, tmp_path):
 
 def test_gpu_check_without_cuda_fails_in_one_line(repo_root):
     if __import__("torch").cuda.is_available():
-        pytest.skip("CUDA is available here: the script would run the checks")
+        pytest.skip(reason="CUDA is available here: the script would run the checks")
     proc = subprocess.run(
         [sys.executable, "scripts/gpu_check.py"], cwd=repo_root, capture_output=True, text=True, timeout=120
     )
