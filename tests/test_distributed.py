@@ -22,13 +22,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fit(out: Path, strategy_yaml: str | None) -> None:
+def _fit(out: Path, strategy_yaml: str | None, extra: tuple[str, ...] = ()) -> None:
     args = [
         sys.executable, "-m", "lightning_rlhf", "fit", "--config", str(ROOT / "configs/demo/sft.yaml"),
         "--trainer.callbacks", "[]", "--trainer.logger", "false", "--trainer.max_steps", "3",
         "--trainer.devices", "2", "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
         "--trainer.enable_progress_bar", "false", "--model.init_args.output_dir", str(out),
-        "--data.batch_size", "8",
+        "--data.batch_size", "8", *extra,
     ]
     if strategy_yaml is None:
         args += ["--trainer.strategy", "ddp"]
@@ -41,13 +41,15 @@ def _fit(out: Path, strategy_yaml: str | None) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+FSDP2_YAML = (
+    "trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
+    "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n"
+)
+
+
 def test_ddp_and_fsdp2_train_the_same_model(tmp_path):
     _fit(tmp_path / "ddp", None)
-    _fit(
-        tmp_path / "fsdp2",
-        "trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
-        "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n",
-    )
+    _fit(tmp_path / "fsdp2", FSDP2_YAML)
     ddp = load_file(tmp_path / "ddp" / "model.safetensors")
     fsdp = load_file(tmp_path / "fsdp2" / "model.safetensors")
     from lightning_rlhf.demo.assets import base_model_dir
@@ -61,6 +63,29 @@ def test_ddp_and_fsdp2_train_the_same_model(tmp_path):
     # ... and training really happened (not two copies of the init).
     moved = [n for n, w in ddp.items() if not torch.allclose(w, init[n])]
     assert len(moved) == len(ddp)
+
+
+def test_lora_model_trained_under_fsdp2_exports_merged_like_ddp(tmp_path):
+    """A LoRA policy trained under FSDP2 exports one consolidated, merged Hugging Face folder (the
+    LoRA deltas gathered and merged parameter by parameter): the same weights as under DDP, and the
+    base weights moved by the merge (LoRA's B starts at 0, so only training moves them)."""
+    lora = ("--model.init_args.policy.lora.r", "4", "--model.init_args.optim.learning_rate", "1e-2")
+    _fit(tmp_path / "ddp", None, lora)
+    _fit(tmp_path / "fsdp2", FSDP2_YAML, lora)
+    ddp = load_file(tmp_path / "ddp" / "model.safetensors")
+    fsdp = load_file(tmp_path / "fsdp2" / "model.safetensors")
+    assert set(fsdp) == set(ddp) and not any("lora" in n for n in fsdp)
+    for name, w in ddp.items():
+        torch.testing.assert_close(fsdp[name], w, atol=1e-5, rtol=1e-4)
+    from lightning_rlhf.demo.assets import base_model_dir
+    from lightning_rlhf.models import load_causal_lm
+
+    init = load_causal_lm(str(base_model_dir()), trainable=False).state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(fsdp[q], init[q])  # the merged delta is in
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2")  # loads as a plain model
 
 
 ONLINE_DDP_SCRIPT = """

@@ -133,11 +133,23 @@ def is_sharded(model: nn.Module) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+def full_state_dict(model: nn.Module, merge_lora: bool = False) -> dict[str, torch.Tensor] | None:
     """The full (unsharded) state dict on CPU, gathered from every rank (a collective: call on all
-    ranks); None for an unsharded model (``save_pretrained`` reads it directly)."""
+    ranks); None for an unsharded model (``save_pretrained`` reads it directly).
+
+    ``merge_lora`` with a peft LoRA model: the merged weights under the base model's names
+    (:func:`policy_weights`, gathered one parameter at a time; kept on rank 0 only), which the base
+    model's ``save_pretrained`` writes as a full model. Otherwise the peft model's own state dict
+    (adapter included), from which peft's ``save_pretrained`` takes the adapter."""
     if not is_sharded(model):
         return None
+    if merge_lora and hasattr(model, "get_base_model"):
+        keep = rank() == 0
+        merged = {}
+        for name, w in policy_weights(model):  # every rank iterates: each parameter is a collective
+            if keep:
+                merged[name] = w.detach().to("cpu", copy=True)
+        return merged
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -147,3 +159,46 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
         if first.setdefault(id(p), name) != name:
             state.pop(name, None)
     return state
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full tensor: ``DTensor.full_tensor()`` (a collective: all ranks call it) or ``t``."""
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the policy's weights under the Hugging Face checkpoint names, streamed
+    one parameter at a time (what the vLLM engine's weight sync and a merged FSDP2 export read).
+
+    - A peft LoRA model yields each adapted weight merged, ``W + scale * B @ A`` (peft's
+      ``get_delta_weight``), computed out of place: the trained model is not modified.
+    - FSDP2-sharded parameters (DTensors) are gathered one at a time with ``full_tensor()``, so at
+      most one full parameter exists at once (every rank must iterate, in the same order).
+    - Tied weights are yielded once (under the embedding's name).
+    """
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lora_layers = {}
+    if hf is not model:  # peft: module name of each LoRA layer -> layer
+        from peft.tuners.lora import LoraLayer
+
+        lora_layers = {name: m for name, m in hf.named_modules() if isinstance(m, LoraLayer)}
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, p in hf.named_parameters(remove_duplicate=False):
+            if id(p) in seen:  # tied (lm_head = embed_tokens)
+                continue
+            seen.add(id(p))
+            if ".lora_" in name or "lora_embedding_" in name:
+                continue
+            module_name, _, pname = name.rpartition(".")
+            if module_name.endswith(".base_layer"):
+                owner = module_name[: -len(".base_layer")]
+                layer = lora_layers.get(owner)
+                w = _full(p)
+                if layer is not None and not getattr(layer, "merged", False) and not layer.disable_adapters:
+                    for adapter in layer.active_adapters:
+                        if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
+                            w = w + _full(layer.get_delta_weight(adapter)).to(w.dtype)
+                yield f"{owner}.{pname}", w.detach()
+            else:
+                yield name, _full(p).detach()

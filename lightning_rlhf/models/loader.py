@@ -375,10 +375,11 @@ def save_pretrained(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if state_dict is not None:
-        if is_peft(model):
-            raise NotImplementedError("export of a LoRA model trained with FSDP2: save the adapter per rank instead")
-        model.save_pretrained(out, state_dict=state_dict)
+    if state_dict is not None:  # gathered from FSDP2 shards (``models.distributed.full_state_dict``)
+        if is_peft(model) and merge_lora:  # merged weights under the base model's names
+            model.get_base_model().save_pretrained(out, state_dict=state_dict)
+        else:  # a plain model, or peft: it takes the adapter from the full state dict
+            model.save_pretrained(out, state_dict=state_dict)
     elif is_peft(model):
         quantized = getattr(model.base_model.model, "is_quantized", False) or getattr(
             model.base_model.model, "is_loaded_in_4bit", False

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from lightning_rlhf.models.distributed import policy_weights  # noqa: F401  (re-exported)
 from lightning_rlhf.rollout.generate import Rollout, VLLMSpec, left_pad
 
 # ------------------------------------------------------------------------------------ host state
@@ -70,49 +71,6 @@ def host_state_kept() -> Iterator[None]:
 def _hf_model(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A full tensor: ``DTensor.full_tensor()`` (a collective: all ranks call it) or ``t``."""
-    return t.full_tensor() if type(t).__name__ == "DTensor" else t
-
-
-def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of the policy's weights under the Hugging Face checkpoint names, streamed
-    one parameter at a time (what vLLM's ``load_weights`` reads).
-
-    - A peft LoRA model yields each adapted weight merged, ``W + scale * B @ A`` (peft's
-      ``get_delta_weight``), computed out of place: the trained model is not modified.
-    - FSDP2-sharded parameters (DTensors) are gathered one at a time with ``full_tensor()``, so at
-      most one full parameter exists at once (every rank must iterate, in the same order).
-    - Tied weights are yielded once (under the embedding's name).
-    """
-    hf = _hf_model(model)
-    lora_layers = {}
-    if hf is not model:  # peft: module name of each LoRA layer -> layer
-        from peft.tuners.lora import LoraLayer
-
-        lora_layers = {name: m for name, m in hf.named_modules() if isinstance(m, LoraLayer)}
-    seen: set[int] = set()
-    with torch.no_grad():
-        for name, p in hf.named_parameters(remove_duplicate=False):
-            if id(p) in seen:  # tied (lm_head = embed_tokens)
-                continue
-            seen.add(id(p))
-            if ".lora_" in name or "lora_embedding_" in name:
-                continue
-            module_name, _, pname = name.rpartition(".")
-            if module_name.endswith(".base_layer"):
-                owner = module_name[: -len(".base_layer")]
-                layer = lora_layers.get(owner)
-                w = _full(p)
-                if layer is not None and not getattr(layer, "merged", False) and not layer.disable_adapters:
-                    for adapter in layer.active_adapters:
-                        if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
-                            w = w + _full(layer.get_delta_weight(adapter)).to(w.dtype)
-                yield f"{owner}.{pname}", w.detach()
-            else:
-                yield name, _full(p).detach()
 
 
 # ------------------------------------------------------------------------------------ engine

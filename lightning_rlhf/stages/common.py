@@ -257,7 +257,7 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
         from ..models.distributed import full_state_dict
 
         model = self.exported_model()
-        state = full_state_dict(model)
+        state = full_state_dict(model, merge_lora=self.merge_lora)
         if self.global_rank != 0:
             return None
         check_finite(state if state is not None else model.state_dict(), f"an export to {out_dir}")
