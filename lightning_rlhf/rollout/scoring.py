@@ -7,6 +7,9 @@ Every scorer is called the same way,
 with `prompts`, `completions` and `extra` (the dataset's other columns, a dict per row) given per
 rollout row (the rows of one prompt repeat its prompt and columns), and returns `rewards (N,)` fp32
 plus `parts`, a dict `{name: (N,)}` of the components for logging (`rollout/reward/<name>`).
+
+What the online stages keep of a scoring call lives here too: `Scores` (shaped and raw rewards, parts,
+diagnostics and texts of each row) and `RunningMoments` (the running reward normaliser).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -294,3 +298,82 @@ class CompositeScorer:
             for name, value in sub.items():
                 parts[name if name not in parts else f"{name}_{i}"] = value
         return total, parts
+
+
+# ------------------------------------------------------------------ what a stage keeps of scores
+
+
+class RunningMoments:
+    """Running mean and standard deviation of a stream of scalars (Chan et al.'s parallel update).
+
+    Used to normalise rewards across steps; its state goes into the checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = float(x.numel())
+        if n == 0:
+            return
+        mean, m2 = float(x.mean()), float(((x - x.mean()) ** 2).sum())
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+@dataclass
+class Scores:
+    """What ``OnlineRLModule.score`` returns for a rollout of N rows."""
+
+    rewards: torch.Tensor
+    """``(N,)`` fp32, what the optimiser sees: raw score, minus the missing-EOS penalty, then
+    running-normalised and clipped as configured."""
+    raw: torch.Tensor
+    """``(N,)`` fp32, the scorer's output before any shaping."""
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    """``{name: (N,)}``: each reward source (reward model, each function); NaN where not applicable."""
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """``{name: (N,)}``: the ``diagnostic_functions`` (logged, never optimised)."""
+    prompts: list = field(default_factory=list)
+    """The raw prompt of each row (str or messages)."""
+    completions: list[str] = field(default_factory=list)
+    """The decoded response of each row."""
+
+    def select(self, rows: torch.Tensor) -> Scores:
+        """The scores of rollout rows ``rows`` (a long tensor), as ``Rollout.select``."""
+        r = rows.tolist()
+        return Scores(
+            rewards=self.rewards[rows.to(self.rewards.device)],
+            raw=self.raw[rows.to(self.raw.device)],
+            parts={k: v[rows.to(v.device)] for k, v in self.parts.items()},
+            diagnostics={k: v[rows.to(v.device)] for k, v in self.diagnostics.items()},
+            prompts=[self.prompts[i] for i in r],
+            completions=[self.completions[i] for i in r],
+        )
+
+    @classmethod
+    def cat(cls, scores: Sequence[Scores]) -> Scores:
+        """Rows of several ``Scores`` one after the other (same keys in each), as ``Rollout.cat``."""
+        return cls(
+            rewards=torch.cat([s.rewards for s in scores]),
+            raw=torch.cat([s.raw for s in scores]),
+            parts={k: torch.cat([s.parts[k] for s in scores]) for k in scores[0].parts},
+            diagnostics={k: torch.cat([s.diagnostics[k] for s in scores]) for k in scores[0].diagnostics},
+            prompts=[p for s in scores for p in s.prompts],
+            completions=[c for s in scores for c in s.completions],
+        )

@@ -26,8 +26,9 @@ from ..core import aggregate_loss, flat_groups, group_advantages, kl_penalty, ma
 from ..models import ModelSpec
 from ..models.distributed import all_reduce
 from ..rollout import Rollout
+from ..rollout.scoring import Scores
 from .common import as_dataclass
-from .online import GenerationSpec, OnlineRLModule, Scores
+from .online import GenerationSpec, OnlineRLModule
 
 
 class GRPOModule(OnlineRLModule):

@@ -31,7 +31,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -66,6 +66,7 @@ from ..rollout import (
     eval_mode,
 )
 from ..rollout import generate as sample_rollout
+from ..rollout.scoring import RunningMoments, Scores
 from .common import (
     OptimSpec,
     StageModule,
@@ -75,82 +76,6 @@ from .common import (
     grads_finite,
     total_training_steps,
 )
-
-
-class RunningMoments:
-    """Running mean and standard deviation of a stream of scalars (Chan et al.'s parallel update).
-
-    Used to normalise rewards across steps; its state goes into the checkpoint.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0.0
-        self.mean = 0.0
-        self.m2 = 0.0  # sum of squared deviations from the mean
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().double().flatten()
-        n = float(x.numel())
-        if n == 0:
-            return
-        mean, m2 = float(x.mean()), float(((x - x.mean()) ** 2).sum())
-        delta, total = mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.m2 += m2 + delta**2 * self.count * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
-
-    def state_dict(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
-
-
-@dataclass
-class Scores:
-    """What ``OnlineRLModule.score`` returns for a rollout of N rows."""
-
-    rewards: torch.Tensor
-    """``(N,)`` fp32, what the optimiser sees: raw score, minus the missing-EOS penalty, then
-    running-normalised and clipped as configured."""
-    raw: torch.Tensor
-    """``(N,)`` fp32, the scorer's output before any shaping."""
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)
-    """``{name: (N,)}``: each reward source (reward model, each function); NaN where not applicable."""
-    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
-    """``{name: (N,)}``: the ``diagnostic_functions`` (logged, never optimised)."""
-    prompts: list = field(default_factory=list)
-    """The raw prompt of each row (str or messages)."""
-    completions: list[str] = field(default_factory=list)
-    """The decoded response of each row."""
-
-    def select(self, rows: torch.Tensor) -> Scores:
-        """The scores of rollout rows ``rows`` (a long tensor), as ``Rollout.select``."""
-        r = rows.tolist()
-        return Scores(
-            rewards=self.rewards[rows.to(self.rewards.device)],
-            raw=self.raw[rows.to(self.raw.device)],
-            parts={k: v[rows.to(v.device)] for k, v in self.parts.items()},
-            diagnostics={k: v[rows.to(v.device)] for k, v in self.diagnostics.items()},
-            prompts=[self.prompts[i] for i in r],
-            completions=[self.completions[i] for i in r],
-        )
-
-    @classmethod
-    def cat(cls, scores: Sequence[Scores]) -> Scores:
-        """Rows of several ``Scores`` one after the other (same keys in each), as ``Rollout.cat``."""
-        return cls(
-            rewards=torch.cat([s.rewards for s in scores]),
-            raw=torch.cat([s.raw for s in scores]),
-            parts={k: torch.cat([s.parts[k] for s in scores]) for k in scores[0].parts},
-            diagnostics={k: torch.cat([s.diagnostics[k] for s in scores]) for k in scores[0].diagnostics},
-            prompts=[p for s in scores for p in s.prompts],
-            completions=[c for s in scores for c in s.completions],
-        )
 
 
 class OnlineRLModule(StageModule):

@@ -10,8 +10,9 @@ import torch
 from lightning_rlhf.models import LoraSpec, ModelSpec, load_causal_lm
 from lightning_rlhf.models.forward import sequence_logprobs
 from lightning_rlhf.rollout import Rollout
+from lightning_rlhf.rollout.scoring import RunningMoments
 from lightning_rlhf.stages import GenerationSpec, OnlineRLModule
-from lightning_rlhf.stages.online import RunningMoments, take
+from lightning_rlhf.stages.online import take
 
 
 def count_great(prompts, completions, **_):
