@@ -46,6 +46,8 @@ SIZES = {
     "mid": (512, 8, 32000),
     "small": (256, 4, 32000),
     "tiny": (128, 2, 8000),
+    # the H100 model: Llama h2048/16 layers/V32000 (~0.9B parameters); for --device cuda
+    "large": (2048, 16, 32000),
 }
 
 
