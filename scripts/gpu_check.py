@@ -42,8 +42,21 @@ class Skip(Exception):
     """A check that cannot run here (missing package, no CUDA): printed as SKIP with the reason."""
 
 
+class DeviceProbe(L.Callback):
+    """Where the trained model and the frozen models sit *during* training (Lightning moves the module
+    back to the CPU when fit ends, so looking after ``fit`` proves nothing)."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        models = [pl_module.exported_model(), *getattr(pl_module, "_frozen", {}).values()]
+        self.seen |= {p.device.type for m in models for p in m.parameters()}
+
+
 def trainer(args, **kw) -> L.Trainer:
     kw.setdefault("precision", args.precision)
+    kw["callbacks"] = [*kw.get("callbacks", []), DeviceProbe()]
     return L.Trainer(
         accelerator=args.device, devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
@@ -75,11 +88,12 @@ def evaluation_callback():
 
 
 def check_device(module) -> None:
-    """The trained model sits on the requested device (a silent CPU fallback is a failure)."""
-    p = next(module.exported_model().parameters())
-    want = "cuda" if module.trainer.strategy.root_device.type == "cuda" else "cpu"
-    if p.device.type != want:
-        raise AssertionError(f"policy on {p.device}, expected {want}")
+    """During training, the trained model and every frozen model sat on the requested device, and only
+    there (a silent CPU fallback or a model left behind is a failure)."""
+    probe = next(c for c in module.trainer.callbacks if isinstance(c, DeviceProbe))
+    want = module.trainer.strategy.root_device.type
+    if probe.seen != {want}:
+        raise AssertionError(f"parameters on {sorted(probe.seen) or 'nothing (no step ran)'} during training, expected {want}")
 
 
 def run_checks(args, work: Path) -> dict[str, str]:
