@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from lightning_rlhf.models.forward import default_position_ids, sequence_logprobs
+from lightning_rlhf.rollout.static_decode import StaticDecoder
 
 
 @dataclass
@@ -78,10 +79,23 @@ class GenerationSpec:
     needs the ``vllm`` extra). Evaluation always uses ``hf``."""
     vllm: VLLMSpec | None = None
     """Options of the ``vllm`` engine (None: the defaults)."""
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    """KV cache of the ``hf`` engine (as transformers' ``GenerationConfig.cache_implementation``):
+    ``dynamic`` (grown per token; the default, fastest on the CPU) or ``static`` (preallocated for
+    prompt + ``max_new_tokens``, fixed-shape decode steps; what ``cuda_graphs`` needs). Same tokens
+    either way (log-probs equal to ~1e-6 in fp32)."""
+    cuda_graphs: bool = True
+    """With ``cache_implementation: static`` on a CUDA device, capture the decode step in a CUDA
+    graph once per rollout and replay it per token (the step is launch-bound otherwise). Ignored on
+    other devices and under ``sync_stop`` (multi-rank rollouts run the static cache eagerly)."""
 
     def __post_init__(self) -> None:
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"generation.engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.cache_implementation not in ("dynamic", "static"):
+            raise ValueError(
+                f"generation.cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}"
+            )
         if self.vllm is None:
             self.vllm = VLLMSpec()
         elif isinstance(self.vllm, dict):
@@ -304,6 +318,8 @@ def generate(
     generator: torch.Generator | None = None,
     stop_check_every: int | None = None,
     sync_stop: bool = False,
+    cache_implementation: str = "dynamic",
+    cuda_graphs: bool = True,
 ) -> Rollout:
     """Sample `num_samples` responses per prompt with the model's KV cache.
 
@@ -331,6 +347,11 @@ def generate(
             so every rank runs the same number of forwards (FSDP2's all-gathers are collectives; as
             transformers' `synced_gpus`). The rows are the same as without; the response may have more
             all-pad columns (mask 0) at the end.
+        cache_implementation: ``dynamic`` (transformers' default cache, grown per token) or ``static``
+            (a `StaticCache` of prompt width + `max_new_tokens` and fixed-shape decode steps,
+            `rollout.static_decode`); same tokens, log-probs equal to float rounding.
+        cuda_graphs: with the static cache on a CUDA device, replay the decode step from a CUDA graph
+            captured once per call (not under `sync_stop` across ranks).
 
     Returns:
         a `Rollout` with N = B * num_samples rows; its tensors are constants (no autograd graph).
@@ -350,6 +371,8 @@ def generate(
             f"generate: input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
             "must both be (B, T)"
         )
+    if cache_implementation not in ("dynamic", "static"):
+        raise ValueError(f"generate: cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
     empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"generate: prompts at batch rows {empty} have no tokens (attention_mask all 0)")
@@ -389,15 +412,23 @@ def generate(
         return not bool(any_alive)
 
     with eval_mode(model):
-        logits, cache = _last_logits_and_cache(
-            model(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                position_ids=default_position_ids(prompt_mask),
-                use_cache=True,
-                **prefill_kw,
+        if cache_implementation == "static":
+            decoder = StaticDecoder(
+                model, n, p + max_new_tokens, device, cuda_graphs=cuda_graphs and not synced, forward_kw=prefill_kw,
+                cache_kw=cache_kw,
             )
-        )
+            logits, cache = decoder.prefill(prompt_ids, prompt_mask, default_position_ids(prompt_mask)), None
+        else:
+            decoder = None
+            logits, cache = _last_logits_and_cache(
+                model(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    position_ids=default_position_ids(prompt_mask),
+                    use_cache=True,
+                    **prefill_kw,
+                )
+            )
         for t in range(max_new_tokens):
             tok, lp = sample_next(logits, temperature, top_k, top_p, generator)  # (N,), (N,)
             tok = tok.masked_fill(~alive, pad_token_id)
@@ -412,15 +443,18 @@ def generate(
                 states.append(generator.get_state())
             if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and all_finished(alive)):
                 break
-            logits, cache = _last_logits_and_cache(
-                model(
-                    input_ids=tok[:, None],
-                    attention_mask=mask[:, : p + t + 1],
-                    position_ids=next_pos,
-                    use_cache=True,
-                    **{cache_kw: cache},
+            if decoder is not None:  # fixed shapes: the whole mask, unwritten columns still 0
+                logits = decoder.step(tok, next_pos, mask)
+            else:
+                logits, cache = _last_logits_and_cache(
+                    model(
+                        input_ids=tok[:, None],
+                        attention_mask=mask[:, : p + t + 1],
+                        position_ids=next_pos,
+                        use_cache=True,
+                        **{cache_kw: cache},
+                    )
                 )
-            )
             next_pos = next_pos + 1
 
     response_mask = torch.stack(response_mask, 1)  # (N, steps run)
