@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from lightning_rlhf.models.forward import default_position_ids, sequence_logprobs
-from lightning_rlhf.rollout.static_decode import StaticDecoder
+from lightning_rlhf.rollout import static_decode
 
 
 @dataclass
@@ -372,7 +372,9 @@ def generate(
             "must both be (B, T)"
         )
     if cache_implementation not in ("dynamic", "static"):
-        raise ValueError(f"generate: cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+        raise ValueError(
+            f"generate: cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}"
+        )
     empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"generate: prompts at batch rows {empty} have no tokens (attention_mask all 0)")
@@ -391,8 +393,13 @@ def generate(
     cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.? renamed it
     prefill_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
-    # Mask of the whole sequence, filled one column per step; the model sees the first p + t columns.
-    mask = torch.zeros(n, p + max_new_tokens, dtype=torch.long, device=device)
+    synced = sync_stop and torch.distributed.is_available() and torch.distributed.is_initialized()
+    static = cache_implementation == "static"
+    graphs = static and static_decode.uses_graphs(device, cuda_graphs) and not synced
+    # Mask of the whole sequence, filled one column per step; the model sees the first p + t columns
+    # (static cache: all of them, the columns not written yet are 0)
+    width = static_decode.cache_length(p + max_new_tokens) if static else p + max_new_tokens
+    mask = torch.zeros(n, width, dtype=torch.long, device=device)
     mask[:, :p] = prompt_mask
     tokens, logprobs, response_mask = [], [], []
     alive = torch.ones(n, dtype=torch.bool, device=device)  # (N,) still generating
@@ -400,8 +407,6 @@ def generate(
     next_pos = prompt_mask.sum(-1, keepdim=True)  # (N, 1) position of the next token = real tokens so far
     # generator state after each step, to rewind the steps run after the last row stopped (k > 1)
     states = [] if check_every > 1 and generator is not None else None
-
-    synced = sync_stop and torch.distributed.is_available() and torch.distributed.is_initialized()
 
     def all_finished(alive: torch.Tensor) -> bool:
         """Whether every row has stopped: the loop's single host sync (every `check_every` steps);
@@ -412,12 +417,11 @@ def generate(
         return not bool(any_alive)
 
     with eval_mode(model):
-        if cache_implementation == "static":
-            decoder = StaticDecoder(
-                model, n, p + max_new_tokens, device, cuda_graphs=cuda_graphs and not synced, forward_kw=prefill_kw,
-                cache_kw=cache_kw,
+        if static:
+            decoder = static_decode.static_decoder(
+                model, n, width, device, cuda_graphs=graphs, forward_kw=prefill_kw, cache_kw=cache_kw
             )
-            logits, cache = decoder.prefill(prompt_ids, prompt_mask, default_position_ids(prompt_mask)), None
+            logits, cache = decoder.prefill(model, prompt_ids, prompt_mask, default_position_ids(prompt_mask)), None
         else:
             decoder = None
             logits, cache = _last_logits_and_cache(
@@ -444,7 +448,7 @@ def generate(
             if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and all_finished(alive)):
                 break
             if decoder is not None:  # fixed shapes: the whole mask, unwritten columns still 0
-                logits = decoder.step(tok, next_pos, mask)
+                logits = decoder.step(model, tok, next_pos, mask)
             else:
                 logits, cache = _last_logits_and_cache(
                     model(
