@@ -1,26 +1,116 @@
-"""Tokens/s of `lightning_rlhf.rollout.generate` (own loop, KV cache) vs transformers' `model.generate`.
+"""Tokens/s of `lightning_rlhf.rollout.generate` (own loop) vs transformers' `model.generate`.
 
-Both sample (temperature 1, no top-k/top-p) exactly `--new-tokens` tokens per row (no EOS) from the
-same randomly initialised Llama and the same ragged prompt batch.
+Variants (all sample at temperature 1, no top-k/top-p, exactly `--new-tokens` tokens per row, no EOS,
+from the same randomly initialised Llama and the same ragged prompt batch):
 
-    .venv/bin/python scripts/bench_generate.py            # CPU defaults: hidden 256, 4 layers, vocab 1000
-    .venv/bin/python scripts/bench_generate.py --device cuda --dtype bfloat16 --batch 64
+    hf              transformers' generate (dynamic cache)
+    dynamic         ours, transformers' dynamic KV cache (the default)
+    static          ours, static KV cache, eager decode steps
+    static-graphs   ours, static KV cache, decode step replayed from a CUDA graph (CUDA only)
+    hf-static       transformers' generate with cache_implementation="static" (on CUDA transformers
+                    then compiles the decode step itself: slow first call; opt in with --variants)
+
+Each variant's first call (warm-up; includes CUDA-graph capture / compilation) is timed apart from
+the steady state (median of `--repeats` calls, interleaved across variants). `capture_s` is the
+CUDA-graph capture inside the first call; later calls of the same shape replay the kept graph.
+Every variant runs in its own try/except (an error is printed and recorded, the rest go on); a total
+time budget (`--budget-s`) skips what would not fit. On CUDA, a correctness check first compares the
+tokens of dynamic / static / static-graphs on a small fp32 model (greedy and sampled, same seed).
+
+    python scripts/bench_generate.py            # CPU: hidden 256, 4 layers, vocab 1000, batch 16
+    PYTHONPATH=. python scripts/bench_generate.py --preset h100-886m --out bench_generate.json
+    # = --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 32000 --batch 64 --new-tokens 128
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
+import traceback
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_rlhf.rollout import generate, left_pad
+from lightning_rlhf.rollout import generate, left_pad, static_decode
+
+PRESETS = {
+    "h100-886m": dict(device="cuda", dtype="bfloat16", hidden=2048, layers=16, vocab=32000, batch=64,
+                      new_tokens=128, repeats=3),  # fmt: skip
+}
+ALL_VARIANTS = ("hf", "dynamic", "static", "static-graphs", "hf-static")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_model(hidden: int, layers: int, vocab: int, device: str, dtype: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        intermediate_size=4 * hidden,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    with torch.device(device):  # initialised on the device: seconds, not minutes, for 886M parameters
+        model = LlamaForCausalLM(config)
+    return model.to(dtype=getattr(torch, dtype)).eval()
+
+
+def prompts(batch: int, prompt_len: int, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `(batch, prompt_len)` prompts of prompt_len/2..prompt_len tokens, as the data layer gives them."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(prompt_len // 2, prompt_len + 1, (batch,), generator=g)
+    ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
+    mask = (torch.arange(prompt_len)[None] < lengths[:, None]).long()
+    return ids.masked_fill(mask == 0, 0).to(device), mask.to(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def correctness_check(device: str, budget_left) -> dict:
+    """dynamic vs static vs static-graphs on a small fp32 model: same tokens for the same seed?"""
+    result = {}
+    model = build_model(256, 4, 1000, device, "float32")
+    ids, mask = prompts(16, 24, 1000, device)
+    modes = {"dynamic": dict(cache_implementation="dynamic"),
+             "static": dict(cache_implementation="static", cuda_graphs=False),
+             "static-graphs": dict(cache_implementation="static", cuda_graphs=True)}  # fmt: skip
+    for name, kw in (("greedy", dict(temperature=0.0)), ("sampled", dict(temperature=0.8, top_k=50, top_p=0.95))):
+        if budget_left() < 30:
+            break
+        outs = {}
+        for mode, mkw in modes.items():
+            g = torch.Generator(device=device).manual_seed(1)
+            outs[mode] = generate(model, ids, mask, max_new_tokens=40, num_samples=2, eos_token_id=[1, 7, 8],
+                                  pad_token_id=0, generator=g, **kw, **mkw)  # fmt: skip
+        ref = outs["dynamic"]
+        for mode in ("static", "static-graphs"):
+            r = outs[mode]
+            same_shape = r.response_ids.shape == ref.response_ids.shape
+            equal = same_shape and torch.equal(r.response_ids, ref.response_ids) and torch.equal(
+                r.response_mask, ref.response_mask)  # fmt: skip
+            lp = float((r.logprobs - ref.logprobs).abs().max()) if same_shape else float("nan")
+            result[f"{name}/{mode}"] = {"tokens_equal": bool(equal), "max_abs_logprob_diff": lp}
+            log(f"check {name:7s} {mode:13s} vs dynamic: tokens equal {equal}, max |dlogprob| {lp:.2e}")
+    del model
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="set the model/batch options below at once")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1000)
@@ -31,76 +121,159 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default: all but hf-static; "
+                             "static-graphs on CUDA only)")  # fmt: skip
+    parser.add_argument("--budget-s", type=float, default=200.0, help="total time budget; later variants are skipped")
+    parser.add_argument("--no-check", action="store_true", help="skip the CUDA token-equality check")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.preset:
+        explicit = {a.split("=")[0].lstrip("-").replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+        for k, v in PRESETS[args.preset].items():
+            if k not in explicit:  # options given on the command line win over the preset
+                setattr(args, k, v)
     if args.threads:
         torch.set_num_threads(args.threads)
+    start = time.perf_counter()
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 128),
-        intermediate_size=4 * args.hidden,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    def budget_left() -> float:
+        return args.budget_s - (time.perf_counter() - start)
 
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch,), generator=g)
-    ids = torch.randint(3, args.vocab, (args.batch, args.prompt_len), generator=g)
-    mask = (torch.arange(args.prompt_len)[None] < lengths[:, None]).long()
-    ids = ids.masked_fill(mask == 0, 0).to(args.device)  # right-padded, as the data layer gives them
-    mask = mask.to(args.device)
+    cuda = args.device.startswith("cuda")
+    if args.variants:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in variants if v not in ALL_VARIANTS]
+        if unknown:
+            parser.error(f"unknown variants {unknown}; choose from {ALL_VARIANTS}")
+    else:
+        variants = [v for v in ALL_VARIANTS if v != "hf-static" and (cuda or v != "static-graphs")]
+    report: dict = {"args": vars(args), "torch": torch.__version__, "variants": {}, "check": {}}
+    try:
+        import transformers
+
+        report["transformers"] = transformers.__version__
+        if cuda:
+            report["gpu"] = torch.cuda.get_device_name()
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        log(f"(versions: {e!r})")
+    log(f"torch {report['torch']}, transformers {report.get('transformers')}, device {report.get('gpu', args.device)}")
+
+    def write() -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+
+    if cuda and not args.no_check:
+        try:
+            report["check"] = correctness_check(args.device, budget_left)
+        except Exception as e:  # noqa: BLE001 - keep benchmarking
+            traceback.print_exc()
+            report["check"] = {"error": repr(e)}
+            log(f"check FAILED: {e!r}")
+        write()
+
+    t0 = time.perf_counter()
+    model = build_model(args.hidden, args.layers, args.vocab, args.device, args.dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    report["params"] = n_params
+    ids, mask = prompts(args.batch, args.prompt_len, args.vocab, args.device)
     left_ids, left_mask = left_pad(ids, mask, pad_token_id=0)  # transformers wants left padding
-
-    def ours() -> int:
-        r = generate(model, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1, pad_token_id=0)
-        return int(r.response_mask.sum())
-
-    def hf() -> int:
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=left_ids,
-                attention_mask=left_mask,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                pad_token_id=0,
-            )
-        return (out.shape[1] - left_ids.shape[1]) * out.shape[0]
-
-    def once(fn) -> tuple[float, int]:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        n = fn()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, n
-
-    ours(), hf()  # warm-up
-    # interleaved, so that load from other processes hits both alike
-    runs = {"ours": [], "hf": []}
-    for _ in range(args.repeats):
-        runs["ours"].append(once(ours))
-        runs["hf"].append(once(hf))
-    t_ours, n_ours = statistics.median(t for t, _ in runs["ours"]), runs["ours"][0][1]
-    t_hf, n_hf = statistics.median(t for t, _ in runs["hf"]), runs["hf"][0][1]
-    print(
-        f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype} on {args.device} "
-        f"({torch.get_num_threads()} threads); batch {args.batch}, prompts {int(lengths.min())}-{args.prompt_len} "
-        f"tokens, {args.new_tokens} new tokens; median of {args.repeats}"
+    log(
+        f"model: {n_params / 1e6:.0f}M params, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+        f"{args.dtype} on {args.device} ({torch.get_num_threads()} threads); batch {args.batch}, prompts "
+        f"{int(mask.sum(-1).min())}-{args.prompt_len} tokens, {args.new_tokens} new tokens; built in "
+        f"{time.perf_counter() - t0:.1f}s"
     )
-    print(f"lightning_rlhf.generate : {n_ours / t_ours:9.0f} tokens/s  ({t_ours * 1000:.0f} ms, {n_ours} tokens)")
-    print(f"transformers generate   : {n_hf / t_hf:9.0f} tokens/s  ({t_hf * 1000:.0f} ms, {n_hf} tokens)")
-    print(f"ratio ours / transformers: {(n_ours / t_ours) / (n_hf / t_hf):.2f}x")
+
+    def ours(**kw):
+        def run() -> int:
+            r = generate(model, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1, pad_token_id=0, **kw)
+            return int(r.response_mask.sum())
+
+        return run
+
+    def hf(**kw):
+        def run() -> int:
+            with torch.no_grad():
+                out = model.generate(input_ids=left_ids, attention_mask=left_mask, do_sample=True, temperature=1.0,
+                                     top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
+                                     min_new_tokens=args.new_tokens, pad_token_id=0, **kw)  # fmt: skip
+            return (out.shape[1] - left_ids.shape[1]) * out.shape[0]
+
+        return run
+
+    fns = {
+        "hf": hf(),
+        "dynamic": ours(cache_implementation="dynamic"),
+        "static": ours(cache_implementation="static", cuda_graphs=False),
+        "static-graphs": ours(cache_implementation="static", cuda_graphs=True),
+        "hf-static": hf(cache_implementation="static"),
+    }
+
+    def once(name: str) -> tuple[float, int]:
+        sync(args.device)
+        static_decode.last_capture_seconds = 0.0
+        t = time.perf_counter()
+        n = fns[name]()
+        sync(args.device)
+        return time.perf_counter() - t, n
+
+    active = []
+    for name in variants:  # first call of each: warm-up, capture / compilation included
+        need = 120 if name == "hf-static" else 20
+        if budget_left() < need:
+            log(f"{name:14s}: skipped (time budget: {budget_left():.0f}s left)")
+            report["variants"][name] = {"error": "skipped: time budget"}
+            continue
+        try:
+            t, n = once(name)
+            report["variants"][name] = {"first_call_s": t, "tokens": n, "capture_s": static_decode.last_capture_seconds}
+            active.append(name)
+            log(f"{name:14s}: first call {t:.2f}s ({n} tokens, {n / t:.0f} tokens/s incl. warm-up)")
+        except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+            traceback.print_exc()
+            sys.stderr.flush()
+            report["variants"][name] = {"error": repr(e)}
+            log(f"{name:14s}: FAILED {e!r}")
+        write()
+
+    times: dict[str, list[float]] = {name: [] for name in active}
+    for i in range(args.repeats):  # interleaved, so that load from other processes hits all alike
+        if i > 0 and budget_left() < 15:
+            log(f"stopping after {i} rounds (time budget)")
+            break
+        for name in list(active):
+            try:
+                t, _ = once(name)
+                times[name].append(t)
+                if static_decode.last_capture_seconds:  # captured again (should not: the decoder is kept)
+                    report["variants"][name].setdefault("recaptures", []).append(static_decode.last_capture_seconds)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                report["variants"][name]["error"] = repr(e)
+                active.remove(name)
+                log(f"{name:14s}: FAILED in round {i}: {e!r}")
+
+    log(f"--- median of {args.repeats} calls (steady state; first calls include warm-up / capture / compile) ---")
+    for name in active:
+        if not times[name]:
+            continue
+        v = report["variants"][name]
+        t = statistics.median(times[name])
+        v.update(median_s=t, runs_s=times[name], tokens_per_s=v["tokens"] / t)
+        cap = f", of which graph capture {v['capture_s'] * 1000:.0f} ms" if v.get("capture_s") else ""
+        log(f"{name:14s}: {v['tokens_per_s']:9.0f} tokens/s  ({t * 1000:.0f} ms/call, first call "
+            f"{v['first_call_s'] * 1000:.0f} ms{cap})")  # fmt: skip
+    speeds = {n: report["variants"][n].get("tokens_per_s") for n in active}
+    for base in ("hf", "dynamic"):
+        if speeds.get(base):
+            ratios = {n: s / speeds[base] for n, s in speeds.items() if s and n != base}
+            report[f"ratio_to_{base}"] = ratios
+            log(f"ratio to {base:8s}: " + ", ".join(f"{n} {r:.2f}x" for n, r in ratios.items()))
+    report["total_s"] = time.perf_counter() - start
+    write()
+    log(f"done in {report['total_s']:.0f}s" + (f"; wrote {args.out}" if args.out else ""))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Rollout: batched sampling with a KV cache (`generate` -> `Rollout`), the colocated vLLM engine
 (`vllm_engine.VLLMEngine`, imported lazily: vLLM is an optional extra) and reward scorers."""
 
+from lightning_rlhf.rollout import static_decode
 from lightning_rlhf.rollout.generate import (
     GenerationSpec,
     Rollout,
@@ -35,4 +36,5 @@ __all__ = [
     "last_token_scores",
     "left_pad",
     "sample_next",
+    "static_decode",
 ]

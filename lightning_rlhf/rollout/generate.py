@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from lightning_rlhf.models.forward import default_position_ids, sequence_logprobs
+from lightning_rlhf.rollout import static_decode
 
 
 @dataclass
@@ -78,10 +79,23 @@ class GenerationSpec:
     needs the ``vllm`` extra). Evaluation always uses ``hf``."""
     vllm: VLLMSpec | None = None
     """Options of the ``vllm`` engine (None: the defaults)."""
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    """KV cache of the ``hf`` engine (as transformers' ``GenerationConfig.cache_implementation``):
+    ``dynamic`` (grown per token; the default, fastest on the CPU) or ``static`` (preallocated for
+    prompt + ``max_new_tokens``, fixed-shape decode steps; what ``cuda_graphs`` needs). Same tokens
+    either way (log-probs equal to ~1e-6 in fp32)."""
+    cuda_graphs: bool = True
+    """With ``cache_implementation: static`` on a CUDA device, capture the decode step in a CUDA
+    graph once per rollout and replay it per token (the step is launch-bound otherwise). Ignored on
+    other devices and under ``sync_stop`` (multi-rank rollouts run the static cache eagerly)."""
 
     def __post_init__(self) -> None:
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"generation.engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.cache_implementation not in ("dynamic", "static"):
+            raise ValueError(
+                f"generation.cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}"
+            )
         if self.vllm is None:
             self.vllm = VLLMSpec()
         elif isinstance(self.vllm, dict):
@@ -304,6 +318,8 @@ def generate(
     generator: torch.Generator | None = None,
     stop_check_every: int | None = None,
     sync_stop: bool = False,
+    cache_implementation: str = "dynamic",
+    cuda_graphs: bool = True,
 ) -> Rollout:
     """Sample `num_samples` responses per prompt with the model's KV cache.
 
@@ -331,6 +347,11 @@ def generate(
             so every rank runs the same number of forwards (FSDP2's all-gathers are collectives; as
             transformers' `synced_gpus`). The rows are the same as without; the response may have more
             all-pad columns (mask 0) at the end.
+        cache_implementation: ``dynamic`` (transformers' default cache, grown per token) or ``static``
+            (a `StaticCache` of prompt width + `max_new_tokens` and fixed-shape decode steps,
+            `rollout.static_decode`); same tokens, log-probs equal to float rounding.
+        cuda_graphs: with the static cache on a CUDA device, replay the decode step from a CUDA graph
+            captured once per call (not under `sync_stop` across ranks).
 
     Returns:
         a `Rollout` with N = B * num_samples rows; its tensors are constants (no autograd graph).
@@ -350,6 +371,10 @@ def generate(
             f"generate: input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
             "must both be (B, T)"
         )
+    if cache_implementation not in ("dynamic", "static"):
+        raise ValueError(
+            f"generate: cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}"
+        )
     empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"generate: prompts at batch rows {empty} have no tokens (attention_mask all 0)")
@@ -368,8 +393,13 @@ def generate(
     cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.? renamed it
     prefill_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
-    # Mask of the whole sequence, filled one column per step; the model sees the first p + t columns.
-    mask = torch.zeros(n, p + max_new_tokens, dtype=torch.long, device=device)
+    synced = sync_stop and torch.distributed.is_available() and torch.distributed.is_initialized()
+    static = cache_implementation == "static"
+    graphs = static and static_decode.uses_graphs(device, cuda_graphs) and not synced
+    # Mask of the whole sequence, filled one column per step; the model sees the first p + t columns
+    # (static cache: all of them, the columns not written yet are 0)
+    width = static_decode.cache_length(p + max_new_tokens) if static else p + max_new_tokens
+    mask = torch.zeros(n, width, dtype=torch.long, device=device)
     mask[:, :p] = prompt_mask
     tokens, logprobs, response_mask = [], [], []
     alive = torch.ones(n, dtype=torch.bool, device=device)  # (N,) still generating
@@ -377,8 +407,6 @@ def generate(
     next_pos = prompt_mask.sum(-1, keepdim=True)  # (N, 1) position of the next token = real tokens so far
     # generator state after each step, to rewind the steps run after the last row stopped (k > 1)
     states = [] if check_every > 1 and generator is not None else None
-
-    synced = sync_stop and torch.distributed.is_available() and torch.distributed.is_initialized()
 
     def all_finished(alive: torch.Tensor) -> bool:
         """Whether every row has stopped: the loop's single host sync (every `check_every` steps);
@@ -389,15 +417,22 @@ def generate(
         return not bool(any_alive)
 
     with eval_mode(model):
-        logits, cache = _last_logits_and_cache(
-            model(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                position_ids=default_position_ids(prompt_mask),
-                use_cache=True,
-                **prefill_kw,
+        if static:
+            decoder = static_decode.static_decoder(
+                model, n, width, device, cuda_graphs=graphs, forward_kw=prefill_kw, cache_kw=cache_kw
             )
-        )
+            logits, cache = decoder.prefill(model, prompt_ids, prompt_mask, default_position_ids(prompt_mask)), None
+        else:
+            decoder = None
+            logits, cache = _last_logits_and_cache(
+                model(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    position_ids=default_position_ids(prompt_mask),
+                    use_cache=True,
+                    **prefill_kw,
+                )
+            )
         for t in range(max_new_tokens):
             tok, lp = sample_next(logits, temperature, top_k, top_p, generator)  # (N,), (N,)
             tok = tok.masked_fill(~alive, pad_token_id)
@@ -412,15 +447,18 @@ def generate(
                 states.append(generator.get_state())
             if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and all_finished(alive)):
                 break
-            logits, cache = _last_logits_and_cache(
-                model(
-                    input_ids=tok[:, None],
-                    attention_mask=mask[:, : p + t + 1],
-                    position_ids=next_pos,
-                    use_cache=True,
-                    **{cache_kw: cache},
+            if decoder is not None:  # fixed shapes: the whole mask, unwritten columns still 0
+                logits = decoder.step(model, tok, next_pos, mask)
+            else:
+                logits, cache = _last_logits_and_cache(
+                    model(
+                        input_ids=tok[:, None],
+                        attention_mask=mask[:, : p + t + 1],
+                        position_ids=next_pos,
+                        use_cache=True,
+                        **{cache_kw: cache},
+                    )
                 )
-            )
             next_pos = next_pos + 1
 
     response_mask = torch.stack(response_mask, 1)  # (N, steps run)

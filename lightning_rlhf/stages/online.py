@@ -613,7 +613,13 @@ class OnlineRLModule(StageModule):
         if g.engine == "hf":
             with gathered_once(self.policy, self.rollout_gathered_once):  # FSDP2: gather once per rollout
                 return sample_rollout(
-                    self.policy, batch["input_ids"], batch["attention_mask"], sync_stop=world_size() > 1, **kwargs
+                    self.policy,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    sync_stop=world_size() > 1,
+                    cache_implementation=g.cache_implementation,
+                    cuda_graphs=g.cuda_graphs,
+                    **kwargs,
                 )
         engine = self.rollout_engine()
         self.sync_engine()
