@@ -3,14 +3,14 @@
 # GPU lease (README "GPU"): the CUDA smoke test of every stage, the comparisons against TRL at the
 # issue's H100 size, and the sampler's tokens/s.
 #
-#   bash scripts/gpu_session.sh [check,bench,generate]     # default: all three
+#   bash scripts/gpu_session.sh [generate,sft,check,dpo,reward]     # default: all, in this order
 #
 # Optional wheels for packages a bare GPU box lacks (trl, datasets, jsonargparse, bitsandbytes, ...) are
 # taken from .whl/ when that folder exists (pip install --no-deps --target /tmp/site, never from the
 # network). Logs and JSON results go to $OUT (default /tmp/gpu_session), packed as results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PARTS=${1:-check,bench,generate}
+PARTS=${1:-generate,sft,check,dpo,reward}
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT/work"
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
@@ -37,19 +37,18 @@ say "machine"
   "$PYTHON" -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)"
 } 2>&1 | tail -n 5 | tee -a "$LOG"
 
-if [[ ,$PARTS, == *,check,* ]]; then
-  run 170 gpu_check bash scripts/gpu_check.sh
-fi
-if [[ ,$PARTS, == *,generate,* ]]; then
-  run 200 generate "$PYTHON" scripts/bench_generate.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 \
-    --vocab 32000 --batch 64 --new-tokens 128 --repeats 2
-fi
-if [[ ,$PARTS, == *,bench,* ]]; then
-  B=(--device cuda --precision bf16-mixed --size large --rounds 1 --warmup 2 --steps 5 --out "$OUT/work/bench")
-  run 110 bench_sft "$PYTHON" scripts/bench/sft.py "${B[@]}" --batch 16 --seq 1024
-  run 100 bench_dpo "$PYTHON" scripts/bench/dpo.py "${B[@]}" --batch 8 --seq 512
-  run 90 bench_reward "$PYTHON" scripts/bench/reward.py "${B[@]}" --batch 8 --seq 512
-fi
+B=(--device cuda --precision bf16-mixed --size large --rounds 1 --warmup 2 --steps 5 --out "$OUT/work/bench")
+for part in ${PARTS//,/ }; do
+  case $part in
+    generate) run 200 generate "$PYTHON" scripts/bench_generate.py --preset h100-886m --budget-s 180 \
+                --out "$OUT/work/bench_generate.json" ;;
+    check) run 120 gpu_check bash scripts/gpu_check.sh ;;
+    sft) run 110 bench_sft "$PYTHON" scripts/bench/sft.py "${B[@]}" --batch 16 --seq 1024 ;;
+    dpo) run 95 bench_dpo "$PYTHON" scripts/bench/dpo.py "${B[@]}" --batch 8 --seq 512 ;;
+    reward) run 85 bench_reward "$PYTHON" scripts/bench/reward.py "${B[@]}" --batch 8 --seq 512 ;;
+    *) say "unknown part $part (generate, check, sft, dpo, reward)" ;;
+  esac
+done
 tar czf "$OUT/results.tgz" -C "$OUT" work 2>/dev/null
 rm -rf "$OUT/work"
 say "done"
