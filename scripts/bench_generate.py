@@ -7,8 +7,10 @@ from the same randomly initialised Llama and the same ragged prompt batch):
     dynamic         ours, transformers' dynamic KV cache (the default)
     static          ours, static KV cache, eager decode steps
     static-graphs   ours, static KV cache, decode step replayed from a CUDA graph (CUDA only)
+    static-graphs-compile  the same with the decode step through torch.compile (CUDA only)
+    static-compile  ours, static KV cache, torch.compile, no graph (opt in with --variants)
     hf-static       transformers' generate with cache_implementation="static" (on CUDA transformers
-                    then compiles the decode step itself: slow first call; opt in with --variants)
+                    then compiles the decode step itself: ~20 s first call)
 
 Each variant's first call (warm-up; includes CUDA-graph capture / compilation) is timed apart from
 the steady state (median of `--repeats` calls, interleaved across variants). `capture_s` is the
@@ -40,7 +42,9 @@ PRESETS = {
     "h100-886m": dict(device="cuda", dtype="bfloat16", hidden=2048, layers=16, vocab=32000, batch=64,
                       new_tokens=128, repeats=3),  # fmt: skip
 }
-ALL_VARIANTS = ("hf", "dynamic", "static", "static-graphs", "hf-static")
+ALL_VARIANTS = ("hf", "dynamic", "static", "static-graphs", "static-graphs-compile", "static-compile", "hf-static")
+CUDA_ONLY = ("static-graphs", "static-graphs-compile", "hf-static")  # the defaults on CUDA: all but static-compile
+COMPILED = ("static-graphs-compile", "static-compile", "hf-static")
 
 
 def log(msg: str) -> None:
@@ -86,7 +90,8 @@ def correctness_check(device: str, budget_left) -> dict:
     ids, mask = prompts(16, 24, 1000, device)
     modes = {"dynamic": dict(cache_implementation="dynamic"),
              "static": dict(cache_implementation="static", cuda_graphs=False),
-             "static-graphs": dict(cache_implementation="static", cuda_graphs=True)}  # fmt: skip
+             "static-graphs": dict(cache_implementation="static", cuda_graphs=True),
+             "static-graphs-compile": dict(cache_implementation="static", cuda_graphs=True, torch_compile=True)}  # fmt: skip
     for name, kw in (("greedy", dict(temperature=0.0)), ("sampled", dict(temperature=0.8, top_k=50, top_p=0.95))):
         if budget_left() < 30:
             break
@@ -96,14 +101,14 @@ def correctness_check(device: str, budget_left) -> dict:
             outs[mode] = generate(model, ids, mask, max_new_tokens=40, num_samples=2, eos_token_id=[1, 7, 8],
                                   pad_token_id=0, generator=g, **kw, **mkw)  # fmt: skip
         ref = outs["dynamic"]
-        for mode in ("static", "static-graphs"):
+        for mode in [m for m in modes if m != "dynamic"]:
             r = outs[mode]
             same_shape = r.response_ids.shape == ref.response_ids.shape
             equal = same_shape and torch.equal(r.response_ids, ref.response_ids) and torch.equal(
                 r.response_mask, ref.response_mask)  # fmt: skip
             lp = float((r.logprobs - ref.logprobs).abs().max()) if same_shape else float("nan")
             result[f"{name}/{mode}"] = {"tokens_equal": bool(equal), "max_abs_logprob_diff": lp}
-            log(f"check {name:7s} {mode:13s} vs dynamic: tokens equal {equal}, max |dlogprob| {lp:.2e}")
+            log(f"check {name:7s} {mode:21s} vs dynamic: tokens equal {equal}, max |dlogprob| {lp:.2e}")
     del model
     return result
 
@@ -122,8 +127,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--variants", default=None,
-                        help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default: all but hf-static; "
-                             "static-graphs on CUDA only)")  # fmt: skip
+                        help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default: all but static-compile "
+                             f"on CUDA; on the CPU also without {', '.join(CUDA_ONLY)})")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=200.0, help="total time budget; later variants are skipped")
     parser.add_argument("--no-check", action="store_true", help="skip the CUDA token-equality check")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -147,7 +152,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown variants {unknown}; choose from {ALL_VARIANTS}")
     else:
-        variants = [v for v in ALL_VARIANTS if v != "hf-static" and (cuda or v != "static-graphs")]
+        variants = [v for v in ALL_VARIANTS if v != "static-compile" and (cuda or v not in CUDA_ONLY)]
     report: dict = {"args": vars(args), "torch": torch.__version__, "variants": {}, "check": {}}
     try:
         import transformers
@@ -208,6 +213,8 @@ def main() -> None:
         "dynamic": ours(cache_implementation="dynamic"),
         "static": ours(cache_implementation="static", cuda_graphs=False),
         "static-graphs": ours(cache_implementation="static", cuda_graphs=True),
+        "static-graphs-compile": ours(cache_implementation="static", cuda_graphs=True, torch_compile=True),
+        "static-compile": ours(cache_implementation="static", cuda_graphs=False, torch_compile=True),
         "hf-static": hf(cache_implementation="static"),
     }
 
@@ -221,21 +228,21 @@ def main() -> None:
 
     active = []
     for name in variants:  # first call of each: warm-up, capture / compilation included
-        need = 120 if name == "hf-static" else 20
+        need = 60 if name in COMPILED else 20
         if budget_left() < need:
-            log(f"{name:14s}: skipped (time budget: {budget_left():.0f}s left)")
+            log(f"{name:21s}: skipped (time budget: {budget_left():.0f}s left)")
             report["variants"][name] = {"error": "skipped: time budget"}
             continue
         try:
             t, n = once(name)
             report["variants"][name] = {"first_call_s": t, "tokens": n, "capture_s": static_decode.last_capture_seconds}
             active.append(name)
-            log(f"{name:14s}: first call {t:.2f}s ({n} tokens, {n / t:.0f} tokens/s incl. warm-up)")
+            log(f"{name:21s}: first call {t:.2f}s ({n} tokens, {n / t:.0f} tokens/s incl. warm-up)")
         except Exception as e:  # noqa: BLE001 - report and go on with the other variants
             traceback.print_exc()
             sys.stderr.flush()
             report["variants"][name] = {"error": repr(e)}
-            log(f"{name:14s}: FAILED {e!r}")
+            log(f"{name:21s}: FAILED {e!r}")
         write()
 
     times: dict[str, list[float]] = {name: [] for name in active}
@@ -253,7 +260,7 @@ def main() -> None:
                 traceback.print_exc()
                 report["variants"][name]["error"] = repr(e)
                 active.remove(name)
-                log(f"{name:14s}: FAILED in round {i}: {e!r}")
+                log(f"{name:21s}: FAILED in round {i}: {e!r}")
 
     log(f"--- median of {args.repeats} calls (steady state; first calls include warm-up / capture / compile) ---")
     for name in active:
@@ -263,7 +270,7 @@ def main() -> None:
         t = statistics.median(times[name])
         v.update(median_s=t, runs_s=times[name], tokens_per_s=v["tokens"] / t)
         cap = f", of which graph capture {v['capture_s'] * 1000:.0f} ms" if v.get("capture_s") else ""
-        log(f"{name:14s}: {v['tokens_per_s']:9.0f} tokens/s  ({t * 1000:.0f} ms/call, first call "
+        log(f"{name:21s}: {v['tokens_per_s']:9.0f} tokens/s  ({t * 1000:.0f} ms/call, first call "
             f"{v['first_call_s'] * 1000:.0f} ms{cap})")  # fmt: skip
     speeds = {n: report["variants"][n].get("tokens_per_s") for n in active}
     for base in ("hf", "dynamic"):

@@ -24,6 +24,14 @@ parameter's storage changes (weights updated in place, as by an optimiser, are s
 weights replaced are not, hence the check), and freed with the model, or by `release(model)`.
 Keeping it holds the cache's memory (2 x layers x N x kv_heads x L x head_dim elements) between
 rollouts.
+- ``torch_compile``: the decode step goes through ``torch.compile`` (inductor, static shapes), which
+  fuses the many small kernels of a transformers layer (norms, rotary, casts); under CUDA graphs the
+  compiled step is what is captured. Compiling takes ~20 s on an H100 for a 16-layer model, once per
+  process and shape.
+
+On one H100 (Llama h2048 / 16 layers / V32000, bf16, batch 64, 128 tokens, a greedy loop around
+transformers 5.17 + torch 2.11): eager static steps 2.1k tokens/s, CUDA graph 13.0k, compiled +
+CUDA graph 22.2k (torch.compile's own ``reduce-overhead``: 21.3k); the dynamic cache made 2.9k.
 
 Sampling, EOS bookkeeping and the stop check stay in `generate`'s loop, shared with the dynamic path.
 """
@@ -47,6 +55,23 @@ last_capture_seconds = 0.0
 """Seconds the latest CUDA-graph capture took (diagnostics for scripts/bench_generate.py)."""
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its kept StaticDecoder
+
+
+def _decode_step(model, ids, mask, positions, cache, cache_kw: str, forward_kw: dict) -> torch.Tensor:
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{cache_kw: cache}, **forward_kw)  # fmt: skip
+    return out.logits[:, -1]  # (N, V)
+
+
+_compiled_decode_step = None
+
+
+def compiled_decode_step():
+    """`_decode_step` through ``torch.compile`` (one wrapper per process, so compiled code is shared)."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(_decode_step, dynamic=False)
+    return _compiled_decode_step
 
 
 def attention_implementation(model: torch.nn.Module) -> str:
@@ -75,19 +100,22 @@ def static_decoder(
     cuda_graphs: bool = True,
     forward_kw: dict | None = None,
     cache_kw: str = "past_key_values",
+    torch_compile: bool = False,
 ) -> StaticDecoder:
     """The `StaticDecoder` of `model` for `n` rows and cache length `max_len`, reset: the one kept from
     the model's previous call (cache, buffers, captured graph) when the shape, the options and the
     parameter storages are the same, else a new one (which replaces it)."""
     forward_kw = dict(forward_kw or {})
     graphs = uses_graphs(device, cuda_graphs)
-    key = (n, max_len, str(device), graphs, tuple(sorted(forward_kw.items())), cache_kw, _storage_key(model))
+    options = (graphs, torch_compile, tuple(sorted(forward_kw.items())), cache_kw)
+    key = (n, max_len, str(device), options, _storage_key(model))
     decoder = _DECODERS.get(model)
     if decoder is not None and decoder.key == key:
         decoder.reset()
         return decoder
     release(model)  # free the old cache and graph before allocating the new ones
-    decoder = StaticDecoder(model, n, max_len, device, cuda_graphs=graphs, forward_kw=forward_kw, cache_kw=cache_kw)
+    decoder = StaticDecoder(model, n, max_len, device, cuda_graphs=graphs, forward_kw=forward_kw, cache_kw=cache_kw,
+                            torch_compile=torch_compile)  # fmt: skip
     decoder.key = key
     _DECODERS[model] = decoder
     return decoder
@@ -115,6 +143,7 @@ class StaticDecoder:
         cuda_graphs: capture the decode step in a CUDA graph (CUDA devices only; ignored elsewhere).
         forward_kw: extra keyword arguments of every forward (e.g. ``logits_to_keep=1``).
         cache_kw: the forward's name of the cache argument.
+        torch_compile: run the decode step through ``torch.compile`` (`compiled_decode_step`).
     """
 
     def __init__(
@@ -126,6 +155,7 @@ class StaticDecoder:
         cuda_graphs: bool = True,
         forward_kw: dict | None = None,
         cache_kw: str = "past_key_values",
+        torch_compile: bool = False,
     ) -> None:
         from transformers import StaticCache
 
@@ -141,6 +171,7 @@ class StaticDecoder:
         self.forward_kw = dict(forward_kw or {})
         self.cache_kw = cache_kw
         self.use_graph = uses_graphs(device, cuda_graphs)
+        self.step_fn = compiled_decode_step() if torch_compile else _decode_step
         dtype = next(model.parameters()).dtype
         # sdpa takes a bool mask (True = attend), as transformers builds it; eager adds a float bias
         self.bool_mask = impl == "sdpa"
@@ -190,15 +221,7 @@ class StaticDecoder:
             self.mask.copy_(torch.where(m.bool(), 0.0, self.min_value))
 
     def _forward(self, model: torch.nn.Module) -> torch.Tensor:
-        out = model(
-            input_ids=self.ids,
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            use_cache=True,
-            **{self.cache_kw: self.cache},
-            **self.forward_kw,
-        )
-        return out.logits[:, -1]  # (N, V)
+        return self.step_fn(model, self.ids, self.mask, self.positions, self.cache, self.cache_kw, self.forward_kw)
 
     def step(
         self, model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor

@@ -150,6 +150,18 @@ def test_generation_spec_rejects_an_unknown_cache():
                  cache_implementation="Static")  # fmt: skip
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_rollout():
+    model = tiny_llama()
+    ids, mask = ragged_prompts()
+    kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.9, num_samples=2, eos_token_id=[EOS, 5], pad_token_id=PAD)
+    dyn = generate(model, ids, mask, generator=torch.Generator().manual_seed(2), **kw)
+    compiled = generate(model, ids, mask, generator=torch.Generator().manual_seed(2), cache_implementation="static",
+                        torch_compile=True, **kw)  # fmt: skip
+    assert static_decode._DECODERS[model].step_fn is static_decode.compiled_decode_step()
+    assert_same(dyn, compiled)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_replay_equals_the_eager_dynamic_path():
     model = tiny_llama().cuda()
@@ -168,6 +180,10 @@ def test_cuda_graph_replay_equals_the_eager_dynamic_path():
                      cache_implementation="static", cuda_graphs=True, **kw)  # fmt: skip
     assert static_decode._DECODERS[model].graph is graph  # replayed, not captured again
     assert_same(graphed, again)
+    compiled = generate(model, ids, mask, generator=torch.Generator("cuda").manual_seed(1),
+                        cache_implementation="static", cuda_graphs=True, torch_compile=True, **kw)  # fmt: skip
+    assert static_decode._DECODERS[model].graph is not None
+    assert_same(dyn, compiled)
 
 
 def test_grpo_run_samples_with_the_static_cache(tiny_model_dir, write_jsonl, tmp_path):
