@@ -8,6 +8,7 @@ from the same randomly initialised Llama and the same ragged prompt batch):
     static          ours, static KV cache, eager decode steps
     static-graphs   ours, static KV cache, decode step replayed from a CUDA graph (CUDA only)
     static-graphs-compile  the same with the decode step through torch.compile (CUDA only)
+    static-graphs-compile-grouped  and decode_attention="grouped" (KV heads read once; CUDA only)
     static-compile  ours, static KV cache, torch.compile, no graph (opt in with --variants)
     hf-static       transformers' generate with cache_implementation="static" (on CUDA transformers
                     then compiles the decode step itself: ~20 s first call)
@@ -42,9 +43,10 @@ PRESETS = {
     "h100-886m": dict(device="cuda", dtype="bfloat16", hidden=2048, layers=16, vocab=32000, batch=64,
                       new_tokens=128, repeats=3),  # fmt: skip
 }
-ALL_VARIANTS = ("hf", "dynamic", "static", "static-graphs", "static-graphs-compile", "static-compile", "hf-static")
-CUDA_ONLY = ("static-graphs", "static-graphs-compile", "hf-static")  # the defaults on CUDA: all but static-compile
-COMPILED = ("static-graphs-compile", "static-compile", "hf-static")
+ALL_VARIANTS = ("hf", "dynamic", "static-graphs", "static-graphs-compile-grouped", "static-graphs-compile", "static",
+                "hf-static", "static-compile")  # fmt: skip
+CUDA_ONLY = ("static-graphs", "static-graphs-compile-grouped", "static-graphs-compile", "hf-static")
+COMPILED = ("static-graphs-compile-grouped", "static-graphs-compile", "static-compile", "hf-static")
 
 
 def log(msg: str) -> None:
@@ -91,7 +93,8 @@ def correctness_check(device: str, budget_left) -> dict:
     modes = {"dynamic": dict(cache_implementation="dynamic"),
              "static": dict(cache_implementation="static", cuda_graphs=False),
              "static-graphs": dict(cache_implementation="static", cuda_graphs=True),
-             "static-graphs-compile": dict(cache_implementation="static", cuda_graphs=True, torch_compile=True)}  # fmt: skip
+             "static-graphs-compile-grouped": dict(cache_implementation="static", cuda_graphs=True, torch_compile=True,
+                                                   decode_attention="grouped")}  # fmt: skip
     for name, kw in (("greedy", dict(temperature=0.0)), ("sampled", dict(temperature=0.8, top_k=50, top_p=0.95))):
         if budget_left() < 30:
             break
@@ -108,7 +111,7 @@ def correctness_check(device: str, budget_left) -> dict:
                 r.response_mask, ref.response_mask)  # fmt: skip
             lp = float((r.logprobs - ref.logprobs).abs().max()) if same_shape else float("nan")
             result[f"{name}/{mode}"] = {"tokens_equal": bool(equal), "max_abs_logprob_diff": lp}
-            log(f"check {name:7s} {mode:21s} vs dynamic: tokens equal {equal}, max |dlogprob| {lp:.2e}")
+            log(f"check {name:7s} {mode:29s} vs dynamic: tokens equal {equal}, max |dlogprob| {lp:.2e}")
     del model
     return result
 
@@ -129,7 +132,7 @@ def main() -> None:
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default: all but static-compile "
                              f"on CUDA; on the CPU also without {', '.join(CUDA_ONLY)})")  # fmt: skip
-    parser.add_argument("--budget-s", type=float, default=200.0, help="total time budget; later variants are skipped")
+    parser.add_argument("--budget-s", type=float, default=210.0, help="total time budget; later variants are skipped")
     parser.add_argument("--no-check", action="store_true", help="skip the CUDA token-equality check")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -215,6 +218,8 @@ def main() -> None:
         "static-graphs": ours(cache_implementation="static", cuda_graphs=True),
         "static-graphs-compile": ours(cache_implementation="static", cuda_graphs=True, torch_compile=True),
         "static-compile": ours(cache_implementation="static", cuda_graphs=False, torch_compile=True),
+        "static-graphs-compile-grouped": ours(cache_implementation="static", cuda_graphs=True, torch_compile=True,
+                                              decode_attention="grouped"),  # fmt: skip
         "hf-static": hf(cache_implementation="static"),
     }
 
@@ -230,19 +235,19 @@ def main() -> None:
     for name in variants:  # first call of each: warm-up, capture / compilation included
         need = 60 if name in COMPILED else 20
         if budget_left() < need:
-            log(f"{name:21s}: skipped (time budget: {budget_left():.0f}s left)")
+            log(f"{name:29s}: skipped (time budget: {budget_left():.0f}s left)")
             report["variants"][name] = {"error": "skipped: time budget"}
             continue
         try:
             t, n = once(name)
             report["variants"][name] = {"first_call_s": t, "tokens": n, "capture_s": static_decode.last_capture_seconds}
             active.append(name)
-            log(f"{name:21s}: first call {t:.2f}s ({n} tokens, {n / t:.0f} tokens/s incl. warm-up)")
+            log(f"{name:29s}: first call {t:.2f}s ({n} tokens, {n / t:.0f} tokens/s incl. warm-up)")
         except Exception as e:  # noqa: BLE001 - report and go on with the other variants
             traceback.print_exc()
             sys.stderr.flush()
             report["variants"][name] = {"error": repr(e)}
-            log(f"{name:21s}: FAILED {e!r}")
+            log(f"{name:29s}: FAILED {e!r}")
         write()
 
     times: dict[str, list[float]] = {name: [] for name in active}
@@ -260,7 +265,7 @@ def main() -> None:
                 traceback.print_exc()
                 report["variants"][name]["error"] = repr(e)
                 active.remove(name)
-                log(f"{name:21s}: FAILED in round {i}: {e!r}")
+                log(f"{name:29s}: FAILED in round {i}: {e!r}")
 
     log(f"--- median of {args.repeats} calls (steady state; first calls include warm-up / capture / compile) ---")
     for name in active:
@@ -270,7 +275,7 @@ def main() -> None:
         t = statistics.median(times[name])
         v.update(median_s=t, runs_s=times[name], tokens_per_s=v["tokens"] / t)
         cap = f", of which graph capture {v['capture_s'] * 1000:.0f} ms" if v.get("capture_s") else ""
-        log(f"{name:21s}: {v['tokens_per_s']:9.0f} tokens/s  ({t * 1000:.0f} ms/call, first call "
+        log(f"{name:29s}: {v['tokens_per_s']:9.0f} tokens/s  ({t * 1000:.0f} ms/call, first call "
             f"{v['first_call_s'] * 1000:.0f} ms{cap})")  # fmt: skip
     speeds = {n: report["variants"][n].get("tokens_per_s") for n in active}
     for base in ("hf", "dynamic"):

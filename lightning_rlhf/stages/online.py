@@ -620,6 +620,7 @@ class OnlineRLModule(StageModule):
                     cache_implementation=g.cache_implementation,
                     cuda_graphs=g.cuda_graphs,
                     torch_compile=g.torch_compile,
+                    decode_attention=g.decode_attention,
                     **kwargs,
                 )
         engine = self.rollout_engine()

@@ -80,6 +80,50 @@ def test_eager_attention_gets_a_float_mask_and_the_same_tokens():
     assert decoder.mask.dtype == torch.float32 and not decoder.bool_mask
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_grouped_decode_attention_gives_the_same_rollout_and_restores_the_model(impl):
+    model = tiny_llama()  # 4 query heads on 2 KV heads
+    model.config._attn_implementation = impl
+    ids, mask = ragged_prompts()
+    kw = dict(max_new_tokens=12, temperature=0.8, top_k=20, num_samples=3, eos_token_id=[EOS, 5], pad_token_id=PAD)
+    dyn = generate(model, ids, mask, generator=torch.Generator().manual_seed(4), **kw)
+    calls = []
+    grouped = static_decode.grouped_decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[2])  # query length
+        return grouped(*args, **kwargs)
+
+    static_decode.grouped_decode_attention = counting
+    try:
+        st = generate(model, ids, mask, generator=torch.Generator().manual_seed(4), cache_implementation="static",
+                      decode_attention="grouped", **kw)  # fmt: skip
+    finally:
+        static_decode.grouped_decode_attention = grouped
+    assert_same(dyn, st)
+    assert calls and set(calls) == {1}  # every decode step (2 layers each), never the prefill
+    assert len(calls) == 2 * (st.response_ids.shape[1] - 1)
+    assert model.config._attn_implementation == impl  # set back after the loop
+
+
+def test_grouped_attention_equals_sdpa_with_repeated_heads_for_any_query_length():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    n, h, kvh, q, length, d = 3, 6, 2, 4, 9, 8
+    query, key, value = (torch.randn(n, x, y, d, generator=g) for x, y in ((h, q), (kvh, length), (kvh, length)))
+    mask = torch.rand(n, 1, q, length, generator=g) > 0.3
+    mask[..., 0] = True  # every query attends to something
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = h // kvh, True
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    got, _ = static_decode.grouped_decode_attention(module, query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    bias = torch.zeros(n, 1, q, length).masked_fill(~mask, torch.finfo(torch.float32).min)  # eager's float mask
+    got_bias, _ = static_decode.grouped_decode_attention(module, query, key, value, bias, scaling=0.3)
+    torch.testing.assert_close(got_bias, want, atol=1e-6, rtol=0)
+
+
 def test_unsupported_attention_is_a_clear_error():
     model = tiny_llama()
     model.config._attn_implementation = "flex_attention"
