@@ -17,13 +17,14 @@ by Python and kernel launches, not by the weights' memory traffic. Here:
   buffers before each replay. The first ``WARMUP_STEPS`` decode steps run eagerly on a side stream
   (the warm-up that capture needs, done with real tokens, so nothing is run twice or undone).
 
-The decoder (cache, buffers, graph) is kept per model and reused by the next call of the same shape:
-rows ``N`` and cache length ``L``, rounded up to ``LENGTH_BUCKET`` so that prompt batches of other
-widths share it (the extra columns stay masked). It is rebuilt when the shape, the options or any
-parameter's storage changes (weights updated in place, as by an optimiser, are seen by the graph;
-weights replaced are not, hence the check), and freed with the model, or by `release(model)`.
+The decoder (cache, buffers, graph) is kept per model and set of options, and reused by the next
+call of the same shape: rows ``N`` and cache length ``L``, rounded up to ``LENGTH_BUCKET`` so that
+prompt batches of other widths share it (the extra columns stay masked). It is rebuilt when the shape
+or any parameter's storage changes (weights updated in place, as by an optimiser, are seen by the
+graph; weights replaced are not, hence the check), and freed with the model, or by `release(model)`.
 Keeping it holds the cache's memory (2 x layers x N x kv_heads x L x head_dim elements) between
-rollouts.
+rollouts. With ``torch_compile`` every new shape compiles again (``dynamic=False``; dynamo's
+recompile limit, 8 by default, then falls back to eager).
 - ``torch_compile``: the decode step goes through ``torch.compile`` (inductor, static shapes), which
   fuses the many small kernels of a transformers layer (norms, rotary, casts); under CUDA graphs the
   compiled step is what is captured. Compiling takes ~20 s on an H100 for a 16-layer model, once per
@@ -63,7 +64,8 @@ reuse the kept decoder (and its captured graph)."""
 last_capture_seconds = 0.0
 """Seconds the latest CUDA-graph capture took (diagnostics for scripts/bench_generate.py)."""
 
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its kept StaticDecoder
+# model -> {options: its kept StaticDecoder}, the most recently used last
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _decode_step(model, ids, mask, positions, cache, cache_kw: str, forward_kw: dict) -> torch.Tensor:
@@ -166,26 +168,34 @@ def static_decoder(
     grouped_attention: bool = False,
 ) -> StaticDecoder:
     """The `StaticDecoder` of `model` for `n` rows and cache length `max_len`, reset: the one kept from
-    the model's previous call (cache, buffers, captured graph) when the shape, the options and the
-    parameter storages are the same, else a new one (which replaces it)."""
+    the model's previous call with the same options (cache, buffers, captured graph) when the shape and
+    the parameter storages are the same, else a new one (which replaces it). One decoder is kept per
+    model and set of options."""
     forward_kw = dict(forward_kw or {})
     graphs = uses_graphs(device, cuda_graphs)
     options = (graphs, torch_compile, grouped_attention, tuple(sorted(forward_kw.items())), cache_kw)
-    key = (n, max_len, str(device), options, _storage_key(model))
-    decoder = _DECODERS.get(model)
+    key = (n, max_len, str(device), _storage_key(model))
+    kept_by_options = _DECODERS.setdefault(model, {})
+    decoder = kept_by_options.pop(options, None)
     if decoder is not None and decoder.key == key:
         decoder.reset()
-        return decoder
-    release(model)  # free the old cache and graph before allocating the new ones
-    decoder = StaticDecoder(model, n, max_len, device, cuda_graphs=graphs, forward_kw=forward_kw, cache_kw=cache_kw,
-                            torch_compile=torch_compile, grouped_attention=grouped_attention)  # fmt: skip
-    decoder.key = key
-    _DECODERS[model] = decoder
+    else:
+        del decoder  # free the old cache and graph before allocating the new ones
+        decoder = StaticDecoder(model, n, max_len, device, cuda_graphs=graphs, forward_kw=forward_kw,
+                                cache_kw=cache_kw, torch_compile=torch_compile, grouped_attention=grouped_attention)  # fmt: skip
+        decoder.key = key
+    kept_by_options[options] = decoder  # (re)inserted last: the most recently used
     return decoder
 
 
+def kept(model: torch.nn.Module) -> StaticDecoder | None:
+    """The decoder `model`'s latest static-cache call used (None: none kept)."""
+    decoders = _DECODERS.get(model)
+    return next(reversed(decoders.values())) if decoders else None
+
+
 def release(model: torch.nn.Module | None = None) -> None:
-    """Drop the kept decoder of `model` (all models: None), freeing its cache and graph."""
+    """Drop the kept decoders of `model` (all models: None), freeing their caches and graphs."""
     if model is None:
         _DECODERS.clear()
     else:

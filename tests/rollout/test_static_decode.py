@@ -76,7 +76,7 @@ def test_eager_attention_gets_a_float_mask_and_the_same_tokens():
     ids, mask = ragged_prompts()
     dyn, st, _, _ = both(model, ids, mask, max_new_tokens=10, num_samples=2, eos_token_id=EOS)
     assert_same(dyn, st)
-    decoder = static_decode._DECODERS[model]
+    decoder = static_decode.kept(model)
     assert decoder.mask.dtype == torch.float32 and not decoder.bool_mask
 
 
@@ -137,22 +137,27 @@ def test_decoder_is_kept_for_the_same_shape_and_reset_between_calls():
     ids, mask = ragged_prompts(lengths=(3, 7, 5))
     kw = dict(max_new_tokens=6, num_samples=2, eos_token_id=EOS, pad_token_id=PAD, cache_implementation="static")
     first = generate(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
-    decoder = static_decode._DECODERS[model]
+    decoder = static_decode.kept(model)
     assert decoder.max_len == static_decode.LENGTH_BUCKET  # 7 + 6 positions, rounded up
     assert decoder.cache.get_seq_length() == 7 + 5  # prompt width + the decode steps (the last token is not fed)
     # a narrower prompt batch of the same rows lands in the same bucket: same decoder, emptied first
     ids2, mask2 = ragged_prompts(lengths=(2, 4, 3), seed=5)
     second = generate(model, ids2, mask2, generator=torch.Generator().manual_seed(0), **kw)
-    assert static_decode._DECODERS[model] is decoder
+    assert static_decode.kept(model) is decoder
     fresh = generate(model, ids2, mask2, generator=torch.Generator().manual_seed(0), **{**kw, "cache_implementation": "dynamic"})
     assert_same(fresh, second)  # nothing of the first call leaks into the second
     again = generate(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
     assert_same(first, again)
+    # other options: a second decoder kept beside the first
+    generate(model, ids, mask, decode_attention="grouped", **kw)
+    assert static_decode.kept(model) is not decoder
+    generate(model, ids, mask, **kw)
+    assert static_decode.kept(model) is decoder
     # another number of rows: a new decoder
     generate(model, ids[:2], mask[:2], **kw)
-    assert static_decode._DECODERS[model] is not decoder
+    assert static_decode.kept(model) is not decoder
     static_decode.release(model)
-    assert model not in static_decode._DECODERS
+    assert static_decode.kept(model) is None
 
 
 def test_weights_changed_in_place_are_seen_and_replaced_weights_rebuild_the_decoder():
@@ -160,17 +165,17 @@ def test_weights_changed_in_place_are_seen_and_replaced_weights_rebuild_the_deco
     ids, mask = ragged_prompts()
     kw = dict(max_new_tokens=8, temperature=0.0, eos_token_id=EOS, pad_token_id=PAD)
     before = generate(model, ids, mask, cache_implementation="static", **kw)
-    decoder = static_decode._DECODERS[model]
+    decoder = static_decode.kept(model)
     with torch.no_grad():  # an optimiser step: same storage, new values
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     moved = generate(model, ids, mask, cache_implementation="static", **kw)
-    assert static_decode._DECODERS[model] is decoder
+    assert static_decode.kept(model) is decoder
     assert_same(generate(model, ids, mask, **kw), moved)
     assert not torch.equal(before.response_ids, moved.response_ids)
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # new storage
     replaced = generate(model, ids, mask, cache_implementation="static", **kw)
-    assert static_decode._DECODERS[model] is not decoder
+    assert static_decode.kept(model) is not decoder
     assert_same(generate(model, ids, mask, **kw), replaced)
 
 
@@ -202,7 +207,7 @@ def test_compiled_decode_step_gives_the_same_rollout():
     dyn = generate(model, ids, mask, generator=torch.Generator().manual_seed(2), **kw)
     compiled = generate(model, ids, mask, generator=torch.Generator().manual_seed(2), cache_implementation="static",
                         torch_compile=True, **kw)  # fmt: skip
-    assert static_decode._DECODERS[model].step_fn is static_decode.compiled_decode_step()
+    assert static_decode.kept(model).step_fn is static_decode.compiled_decode_step()
     assert_same(dyn, compiled)
 
 
@@ -216,17 +221,17 @@ def test_cuda_graph_replay_equals_the_eager_dynamic_path():
         dyn = generate(model, ids, mask, generator=torch.Generator("cuda").manual_seed(1), **kw)
         graphed = generate(model, ids, mask, generator=torch.Generator("cuda").manual_seed(1),
                            cache_implementation="static", cuda_graphs=True, **kw)  # fmt: skip
-        decoder = static_decode._DECODERS[model]
+        decoder = static_decode.kept(model)
         assert decoder.graph is not None  # captured (max_new_tokens > warm-up steps + 1)
         assert_same(dyn, graphed)
     graph = decoder.graph
     again = generate(model, ids, mask, generator=torch.Generator("cuda").manual_seed(1),
                      cache_implementation="static", cuda_graphs=True, **kw)  # fmt: skip
-    assert static_decode._DECODERS[model].graph is graph  # replayed, not captured again
+    assert static_decode.kept(model).graph is graph  # replayed, not captured again
     assert_same(graphed, again)
     compiled = generate(model, ids, mask, generator=torch.Generator("cuda").manual_seed(1),
                         cache_implementation="static", cuda_graphs=True, torch_compile=True, **kw)  # fmt: skip
-    assert static_decode._DECODERS[model].graph is not None
+    assert static_decode.kept(model).graph is not None
     assert_same(dyn, compiled)
 
 
@@ -252,7 +257,7 @@ def test_grpo_run_samples_with_the_static_cache(tiny_model_dir, write_jsonl, tmp
         trainer.fit(module, datamodule=RLHFDataModule(train_files=str(prompts), kind="prompt", batch_size=2,
                                                       shuffle=False))  # fmt: skip
         rollouts[cache] = seen[0]
-        assert (module.policy in static_decode._DECODERS) == (cache == "static")
+        assert (static_decode.kept(module.policy) is not None) == (cache == "static")
     assert_same(rollouts["dynamic"], rollouts["static"])
 
 
