@@ -18,11 +18,13 @@ the steady state (median of `--repeats` calls, interleaved across variants). `ca
 CUDA-graph capture inside the first call; later calls of the same shape replay the kept graph.
 Every variant runs in its own try/except (an error is printed and recorded, the rest go on); a total
 time budget (`--budget-s`) skips what would not fit. On CUDA, a correctness check first compares the
-tokens of dynamic / static / static-graphs on a small fp32 model (greedy and sampled, same seed).
+tokens of dynamic / static / static-graphs / static-graphs-compile-grouped on a small fp32 model
+(greedy and sampled, same seed).
 
     python scripts/bench_generate.py            # CPU: hidden 256, 4 layers, vocab 1000, batch 16
     PYTHONPATH=. python scripts/bench_generate.py --preset h100-886m --out bench_generate.json
     # = --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 32000 --batch 64 --new-tokens 128
+    #   --repeats 3 --budget-s 170 (about 3 minutes on an H100, 4 compilations included)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from lightning_rlhf.rollout import generate, left_pad, static_decode
 
 PRESETS = {
     "h100-886m": dict(device="cuda", dtype="bfloat16", hidden=2048, layers=16, vocab=32000, batch=64,
-                      new_tokens=128, repeats=3),  # fmt: skip
+                      new_tokens=128, repeats=3, budget_s=170.0),  # fmt: skip
 }
 ALL_VARIANTS = ("hf", "dynamic", "static-graphs", "static-graphs-compile-grouped", "static-graphs-compile", "static",
                 "hf-static", "static-compile")  # fmt: skip
