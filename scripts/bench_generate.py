@@ -268,14 +268,20 @@ def main() -> None:
                 report["variants"][name]["error"] = repr(e)
                 active.remove(name)
                 log(f"{name:29s}: FAILED in round {i}: {e!r}")
+        for name in active:  # medians so far, written after every round (a run cut short keeps them)
+            if times[name]:
+                v = report["variants"][name]
+                t = statistics.median(times[name])
+                v.update(median_s=t, runs_s=times[name], tokens_per_s=v["tokens"] / t)
+        log(f"round {i + 1}: " + ", ".join(
+            f"{n} {report['variants'][n]['tokens_per_s']:.0f}" for n in active if times[n]) + " tokens/s")  # fmt: skip
+        write()
 
     log(f"--- median of {args.repeats} calls (steady state; first calls include warm-up / capture / compile) ---")
     for name in active:
         if not times[name]:
             continue
-        v = report["variants"][name]
-        t = statistics.median(times[name])
-        v.update(median_s=t, runs_s=times[name], tokens_per_s=v["tokens"] / t)
+        v, t = report["variants"][name], report["variants"][name]["median_s"]
         cap = f", of which graph capture {v['capture_s'] * 1000:.0f} ms" if v.get("capture_s") else ""
         log(f"{name:29s}: {v['tokens_per_s']:9.0f} tokens/s  ({t * 1000:.0f} ms/call, first call "
             f"{v['first_call_s'] * 1000:.0f} ms{cap})")  # fmt: skip
