@@ -57,7 +57,7 @@ import torch
 WARMUP_STEPS = 2
 """Eager decode steps run on a side stream before the capture (cuBLAS / allocator warm-up)."""
 
-LENGTH_BUCKET = 64
+LENGTH_BUCKET = 32
 """The cache length is rounded up to a multiple of this, so that batches of other prompt widths
 reuse the kept decoder (and its captured graph)."""
 
