@@ -86,8 +86,9 @@ class GenerationSpec:
     either way (log-probs equal to ~1e-6 in fp32)."""
     cuda_graphs: bool = True
     """With ``cache_implementation: static`` on a CUDA device, capture the decode step in a CUDA
-    graph once per rollout and replay it per token (the step is launch-bound otherwise). Ignored on
-    other devices and under ``sync_stop`` (multi-rank rollouts run the static cache eagerly)."""
+    graph and replay it per token (the step is launch-bound otherwise); the graph is kept with the
+    policy for the next rollouts of the same shape (``rollout.static_decode``). Ignored on other
+    devices and under ``sync_stop`` (multi-rank rollouts run the static cache eagerly)."""
     torch_compile: bool = False
     """With ``cache_implementation: static``, run the decode step through ``torch.compile`` (fuses the
     layers' small kernels; with ``cuda_graphs`` the compiled step is captured). Compiling costs ~20 s
