@@ -104,6 +104,12 @@ def grouped_decode_attention(
 
     Query head `i` attends with KV head `i // (H / KVH)`, as transformers' ``repeat_kv`` lays them out.
     """
+    unsupported = [k for k in ("softcap", "sliding_window", "s_aux") if kwargs.get(k) is not None]
+    if unsupported:
+        raise ValueError(
+            f"generation.decode_attention 'grouped' does not implement {unsupported} of this model's attention; "
+            "use decode_attention 'model'"
+        )
     n, h, q, d = query.shape
     kvh, length = key.shape[1], key.shape[2]
     g = h // kvh
@@ -242,6 +248,11 @@ class StaticDecoder:
             )
         self.key: tuple | None = None  # what `static_decoder` reuses it for
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        if any(self.cache.is_sliding):  # their keys are a window, not the L columns of the mask
+            raise ValueError(
+                "generation.cache_implementation 'static' does not support models with sliding-window "
+                "attention layers; use cache_implementation 'dynamic'"
+            )
         self.max_len = max_len
         self.forward_kw = dict(forward_kw or {})
         self.cache_kw = cache_kw

@@ -124,6 +124,50 @@ def test_grouped_attention_equals_sdpa_with_repeated_heads_for_any_query_length(
     torch.testing.assert_close(got_bias, want, atol=1e-6, rtol=0)
 
 
+SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+FAMILIES = {  # as in tests/test_architectures.py
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "phi3": dict(SIZE, intermediate_size=64, num_key_value_heads=2),
+    "gpt_neox": dict(SIZE, intermediate_size=64, rotary_pct=0.5),
+    "qwen2": dict(SIZE, intermediate_size=64, num_key_value_heads=2),
+    "opt": dict(SIZE, ffn_dim=64, word_embed_proj_dim=32),
+}  # fmt: skip
+
+
+def family_model(name: str, **kw):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(name, vocab_size=64, bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD,
+                                  tie_word_embeddings=False, **{**FAMILIES.get(name, {}), **kw})  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_other_families_give_the_same_rollout(name):
+    """Learned positions (gpt2, opt), fused projections (phi3, gpt_neox), partial rotary, q/k/v biases."""
+    model = family_model(name)
+    ids, mask = ragged_prompts()
+    kw = dict(max_new_tokens=12, temperature=0.9, num_samples=2, eos_token_id=[EOS, 5], pad_token_id=PAD)
+    dyn = generate(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    for attention in ("model", "grouped"):
+        st = generate(model, ids, mask, generator=torch.Generator().manual_seed(0), cache_implementation="static",
+                      decode_attention=attention, **kw)  # fmt: skip
+        assert_same(dyn, st)
+
+
+def test_sliding_window_models_and_soft_capping_are_refused_clearly():
+    model = family_model("gemma2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         num_key_value_heads=2, head_dim=8, sliding_window=16, attn_logit_softcapping=50.0)  # fmt: skip
+    ids, mask = ragged_prompts()
+    with pytest.raises(ValueError, match="sliding-window"):
+        generate(model, ids, mask, max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD, cache_implementation="static")
+    q = torch.zeros(1, 4, 1, 8)
+    kv = torch.zeros(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="softcap"):
+        static_decode.grouped_decode_attention(torch.nn.Module(), q, kv, kv, None, softcap=50.0)
+
+
 def test_unsupported_attention_is_a_clear_error():
     model = tiny_llama()
     model.config._attn_implementation = "flex_attention"
