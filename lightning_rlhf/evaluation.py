@@ -116,6 +116,7 @@ def evaluate_policy(
             top_k=sampling.top_k, top_p=sampling.top_p, num_samples=sampling.num_samples,
             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, generator=gen,
             cache_implementation=sampling.cache_implementation, cuda_graphs=sampling.cuda_graphs,
+            torch_compile=sampling.torch_compile, decode_attention=sampling.decode_attention,
         )
         n_prompts += ids.shape[0]
         rows = rollout.prompt_index.tolist()

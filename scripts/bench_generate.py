@@ -7,19 +7,24 @@ from the same randomly initialised Llama and the same ragged prompt batch):
     dynamic         ours, transformers' dynamic KV cache (the default)
     static          ours, static KV cache, eager decode steps
     static-graphs   ours, static KV cache, decode step replayed from a CUDA graph (CUDA only)
+    static-graphs-compile  the same with the decode step through torch.compile (CUDA only)
+    static-graphs-compile-grouped  and decode_attention="grouped" (KV heads read once; CUDA only)
+    static-compile  ours, static KV cache, torch.compile, no graph (opt in with --variants)
     hf-static       transformers' generate with cache_implementation="static" (on CUDA transformers
-                    then compiles the decode step itself: slow first call; opt in with --variants)
+                    then compiles the decode step itself: ~20 s first call)
 
 Each variant's first call (warm-up; includes CUDA-graph capture / compilation) is timed apart from
 the steady state (median of `--repeats` calls, interleaved across variants). `capture_s` is the
 CUDA-graph capture inside the first call; later calls of the same shape replay the kept graph.
 Every variant runs in its own try/except (an error is printed and recorded, the rest go on); a total
 time budget (`--budget-s`) skips what would not fit. On CUDA, a correctness check first compares the
-tokens of dynamic / static / static-graphs on a small fp32 model (greedy and sampled, same seed).
+tokens of dynamic / static / static-graphs / static-graphs-compile-grouped on a small fp32 model
+(greedy and sampled, same seed).
 
     python scripts/bench_generate.py            # CPU: hidden 256, 4 layers, vocab 1000, batch 16
     PYTHONPATH=. python scripts/bench_generate.py --preset h100-886m --out bench_generate.json
     # = --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 32000 --batch 64 --new-tokens 128
+    #   --repeats 3 --budget-s 170 (about 3 minutes on an H100, 4 compilations included)
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ from lightning_rlhf.rollout import generate, left_pad, static_decode
 
 PRESETS = {
     "h100-886m": dict(device="cuda", dtype="bfloat16", hidden=2048, layers=16, vocab=32000, batch=64,
-                      new_tokens=128, repeats=3),  # fmt: skip
+                      new_tokens=128, repeats=3, budget_s=170.0),  # fmt: skip
 }
-ALL_VARIANTS = ("hf", "dynamic", "static", "static-graphs", "hf-static")
+ALL_VARIANTS = ("hf", "dynamic", "static-graphs", "static-graphs-compile-grouped", "static-graphs-compile", "static",
+                "hf-static", "static-compile")  # fmt: skip
+CUDA_ONLY = ("static-graphs", "static-graphs-compile-grouped", "static-graphs-compile", "hf-static")
+COMPILED = ("static-graphs-compile-grouped", "static-graphs-compile", "static-compile", "hf-static")
 
 
 def log(msg: str) -> None:
@@ -86,7 +94,9 @@ def correctness_check(device: str, budget_left) -> dict:
     ids, mask = prompts(16, 24, 1000, device)
     modes = {"dynamic": dict(cache_implementation="dynamic"),
              "static": dict(cache_implementation="static", cuda_graphs=False),
-             "static-graphs": dict(cache_implementation="static", cuda_graphs=True)}  # fmt: skip
+             "static-graphs": dict(cache_implementation="static", cuda_graphs=True),
+             "static-graphs-compile-grouped": dict(cache_implementation="static", cuda_graphs=True, torch_compile=True,
+                                                   decode_attention="grouped")}  # fmt: skip
     for name, kw in (("greedy", dict(temperature=0.0)), ("sampled", dict(temperature=0.8, top_k=50, top_p=0.95))):
         if budget_left() < 30:
             break
@@ -96,14 +106,19 @@ def correctness_check(device: str, budget_left) -> dict:
             outs[mode] = generate(model, ids, mask, max_new_tokens=40, num_samples=2, eos_token_id=[1, 7, 8],
                                   pad_token_id=0, generator=g, **kw, **mkw)  # fmt: skip
         ref = outs["dynamic"]
-        for mode in ("static", "static-graphs"):
+        for mode in [m for m in modes if m != "dynamic"]:
             r = outs[mode]
             same_shape = r.response_ids.shape == ref.response_ids.shape
             equal = same_shape and torch.equal(r.response_ids, ref.response_ids) and torch.equal(
                 r.response_mask, ref.response_mask)  # fmt: skip
             lp = float((r.logprobs - ref.logprobs).abs().max()) if same_shape else float("nan")
-            result[f"{name}/{mode}"] = {"tokens_equal": bool(equal), "max_abs_logprob_diff": lp}
-            log(f"check {name:7s} {mode:13s} vs dynamic: tokens equal {equal}, max |dlogprob| {lp:.2e}")
+            # rows equal from the start: a float-rounding flip of a near tie changes a row from there on
+            rows = [torch.equal(a[m.bool()], b[mb.bool()]) for a, m, b, mb in
+                    zip(ref.response_ids, ref.response_mask, r.response_ids, r.response_mask, strict=True)]  # fmt: skip
+            result[f"{name}/{mode}"] = {"tokens_equal": bool(equal), "max_abs_logprob_diff": lp,
+                                        "rows_equal": f"{sum(rows)}/{len(rows)}"}  # fmt: skip
+            log(f"check {name:7s} {mode:29s} vs dynamic: tokens equal {equal} (rows {sum(rows)}/{len(rows)}), "
+                f"max |dlogprob| {lp:.2e}")  # fmt: skip
     del model
     return result
 
@@ -122,9 +137,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--variants", default=None,
-                        help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default: all but hf-static; "
-                             "static-graphs on CUDA only)")  # fmt: skip
-    parser.add_argument("--budget-s", type=float, default=200.0, help="total time budget; later variants are skipped")
+                        help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default: all but static-compile "
+                             f"on CUDA; on the CPU also without {', '.join(CUDA_ONLY)})")  # fmt: skip
+    parser.add_argument("--budget-s", type=float, default=210.0, help="total time budget; later variants are skipped")
     parser.add_argument("--no-check", action="store_true", help="skip the CUDA token-equality check")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -147,7 +162,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown variants {unknown}; choose from {ALL_VARIANTS}")
     else:
-        variants = [v for v in ALL_VARIANTS if v != "hf-static" and (cuda or v != "static-graphs")]
+        variants = [v for v in ALL_VARIANTS if v != "static-compile" and (cuda or v not in CUDA_ONLY)]
     report: dict = {"args": vars(args), "torch": torch.__version__, "variants": {}, "check": {}}
     try:
         import transformers
@@ -208,6 +223,10 @@ def main() -> None:
         "dynamic": ours(cache_implementation="dynamic"),
         "static": ours(cache_implementation="static", cuda_graphs=False),
         "static-graphs": ours(cache_implementation="static", cuda_graphs=True),
+        "static-graphs-compile": ours(cache_implementation="static", cuda_graphs=True, torch_compile=True),
+        "static-compile": ours(cache_implementation="static", cuda_graphs=False, torch_compile=True),
+        "static-graphs-compile-grouped": ours(cache_implementation="static", cuda_graphs=True, torch_compile=True,
+                                              decode_attention="grouped"),  # fmt: skip
         "hf-static": hf(cache_implementation="static"),
     }
 
@@ -221,21 +240,21 @@ def main() -> None:
 
     active = []
     for name in variants:  # first call of each: warm-up, capture / compilation included
-        need = 120 if name == "hf-static" else 20
+        need = 60 if name in COMPILED else 20
         if budget_left() < need:
-            log(f"{name:14s}: skipped (time budget: {budget_left():.0f}s left)")
+            log(f"{name:29s}: skipped (time budget: {budget_left():.0f}s left)")
             report["variants"][name] = {"error": "skipped: time budget"}
             continue
         try:
             t, n = once(name)
             report["variants"][name] = {"first_call_s": t, "tokens": n, "capture_s": static_decode.last_capture_seconds}
             active.append(name)
-            log(f"{name:14s}: first call {t:.2f}s ({n} tokens, {n / t:.0f} tokens/s incl. warm-up)")
+            log(f"{name:29s}: first call {t:.2f}s ({n} tokens, {n / t:.0f} tokens/s incl. warm-up)")
         except Exception as e:  # noqa: BLE001 - report and go on with the other variants
             traceback.print_exc()
             sys.stderr.flush()
             report["variants"][name] = {"error": repr(e)}
-            log(f"{name:14s}: FAILED {e!r}")
+            log(f"{name:29s}: FAILED {e!r}")
         write()
 
     times: dict[str, list[float]] = {name: [] for name in active}
@@ -253,17 +272,23 @@ def main() -> None:
                 traceback.print_exc()
                 report["variants"][name]["error"] = repr(e)
                 active.remove(name)
-                log(f"{name:14s}: FAILED in round {i}: {e!r}")
+                log(f"{name:29s}: FAILED in round {i}: {e!r}")
+        for name in active:  # medians so far, written after every round (a run cut short keeps them)
+            if times[name]:
+                v = report["variants"][name]
+                t = statistics.median(times[name])
+                v.update(median_s=t, runs_s=times[name], tokens_per_s=v["tokens"] / t)
+        log(f"round {i + 1}: " + ", ".join(
+            f"{n} {report['variants'][n]['tokens_per_s']:.0f}" for n in active if times[n]) + " tokens/s")  # fmt: skip
+        write()
 
     log(f"--- median of {args.repeats} calls (steady state; first calls include warm-up / capture / compile) ---")
     for name in active:
         if not times[name]:
             continue
-        v = report["variants"][name]
-        t = statistics.median(times[name])
-        v.update(median_s=t, runs_s=times[name], tokens_per_s=v["tokens"] / t)
+        v, t = report["variants"][name], report["variants"][name]["median_s"]
         cap = f", of which graph capture {v['capture_s'] * 1000:.0f} ms" if v.get("capture_s") else ""
-        log(f"{name:14s}: {v['tokens_per_s']:9.0f} tokens/s  ({t * 1000:.0f} ms/call, first call "
+        log(f"{name:29s}: {v['tokens_per_s']:9.0f} tokens/s  ({t * 1000:.0f} ms/call, first call "
             f"{v['first_call_s'] * 1000:.0f} ms{cap})")  # fmt: skip
     speeds = {n: report["variants"][n].get("tokens_per_s") for n in active}
     for base in ("hf", "dynamic"):

@@ -619,6 +619,8 @@ class OnlineRLModule(StageModule):
                     sync_stop=world_size() > 1,
                     cache_implementation=g.cache_implementation,
                     cuda_graphs=g.cuda_graphs,
+                    torch_compile=g.torch_compile,
+                    decode_attention=g.decode_attention,
                     **kwargs,
                 )
         engine = self.rollout_engine()
