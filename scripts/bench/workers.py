@@ -170,6 +170,9 @@ def trl_side(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
         max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, report_to="none", save_strategy="no",
         use_cpu=cfg["device"] == "cpu", bf16=cfg["precision"].startswith("bf16"), disable_tqdm=True,
         dataloader_num_workers=0, seed=0,
+        # TRL 1.x turns activation checkpointing on by default (SFT, Reward, DPO, GRPO, RLOO configs); ours
+        # is off unless asked: off on both sides, so that both compute the same forward and backward
+        gradient_checkpointing=False,
     )  # fmt: skip
 
     class Timer(TrainerCallback):
@@ -310,7 +313,7 @@ def trl_ppo(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
         local_rollout_forward_batch_size=cfg["batch"], response_length=cfg["new_tokens"], stop_token=None,
         temperature=1.0, kl_coef=0.05, learning_rate=1e-5, lr_scheduler_type="constant", num_sample_generations=0,
         report_to="none", save_strategy="no", use_cpu=cfg["device"] == "cpu", bf16=cfg["precision"].startswith("bf16"),
-        disable_tqdm=True, logging_steps=1, seed=0,
+        disable_tqdm=True, logging_steps=1, seed=0, gradient_checkpointing=False,
     )  # fmt: skip
     policy = AutoModelForCausalLM.from_pretrained(assets["policy"])
     value = AutoModelForSequenceClassification.from_pretrained(assets["classifier"], num_labels=1)
