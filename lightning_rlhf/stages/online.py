@@ -626,7 +626,7 @@ class OnlineRLModule(StageModule):
 
             with self.timed("engine_start"):
                 self._engine = VLLMEngine(
-                    self.policy, self.generation.vllm, seed=self.seed + self.global_rank
+                    self.policy, self.generation.vllm, seed=self.seed, local_rank=self.local_rank
                 )
         return self._engine
 
