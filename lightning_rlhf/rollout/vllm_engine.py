@@ -91,8 +91,9 @@ class VLLMEngine:
         spec: engine options.
         seed: the base of the engine's own seed, offset by the index of the rank's tensor-parallel
             group (every request also gets a seed of its own, see ``generate``).
-        local_rank: this process's rank within its node (multi-process runs; default: the
-            ``LOCAL_RANK`` environment variable, else the global rank).
+        local_rank: this process's rank within its node, vLLM's device index (multi-process runs;
+            default: the policy's GPU index, else the ``LOCAL_RANK`` environment variable, else the
+            global rank).
     """
 
     def __init__(self, model: nn.Module, spec: VLLMSpec, seed: int = 0, local_rank: int | None = None):
@@ -113,17 +114,6 @@ class VLLMEngine:
                 f"generation.engine=vllm: vLLM's CPU attention needs head_dim >= 32, the policy has {head_dim} "
                 "(use engine: hf for this model)"
             )
-        dtype = spec.dtype
-        if dtype == "auto":
-            dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
-        # the engine is built from the policy's config with dummy weights; sync_weights then loads the
-        # real ones in process (so a GGUF / 4-bit / LoRA / resumed policy needs no folder vLLM can read)
-        self._folder = tempfile.TemporaryDirectory(prefix="lightning-rlhf-vllm-")
-        cfg = config.to_dict()
-        cfg.pop("quantization_config", None)
-        cfg["torch_dtype"] = dtype
-        type(config).from_dict(cfg).save_pretrained(self._folder.name)
-        max_len = spec.max_model_len or getattr(config, "max_position_embeddings", None)
         # vLLM initialises torch.distributed (gloo, world size 1) when no group exists: then it is
         # ours (shared by the engines of this process) to destroy when the last one closes; a group
         # that existed before the first engine (Lightning's) is joined, never destroyed
@@ -146,10 +136,23 @@ class VLLMEngine:
                 )
             )
         self.tp_size, self.tp_rank = tp, rank % tp
+        dtype = spec.dtype
+        if dtype == "auto":
+            dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
+        # the engine is built from the policy's config with dummy weights; sync_weights then loads the
+        # real ones in process (so a GGUF / 4-bit / LoRA / resumed policy needs no folder vLLM can read)
+        self._folder = tempfile.TemporaryDirectory(prefix="lightning-rlhf-vllm-")
+        cfg = config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg["torch_dtype"] = dtype
+        type(config).from_dict(cfg).save_pretrained(self._folder.name)
+        max_len = spec.max_model_len or getattr(config, "max_position_embeddings", None)
         dist_kwargs, env = {}, {}
         if not self._owns_process_group:
             # vLLM's torchrun mode: join the existing world; its executor reads RANK / LOCAL_RANK
-            local_rank = int(os.environ.get("LOCAL_RANK", rank)) if local_rank is None else local_rank
+            if local_rank is None:  # vLLM's GPU worker takes it for the device index: the policy's GPU
+                cuda = device.type == "cuda" and device.index is not None
+                local_rank = device.index if cuda else int(os.environ.get("LOCAL_RANK", rank))
             dist_kwargs = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=tp)
             env = dict(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
         with host_state_kept(), _environ(env):

@@ -214,6 +214,17 @@ def test_small_head_dim_is_refused_with_a_clear_message():
         VLLMEngine(model, SPEC)
 
 
+def test_tensor_parallel_engine_needs_a_multi_process_run():
+    """tensor_parallel_size k shards one engine over k ranks: in one process it is refused before
+    vLLM starts (tests/rollout/test_vllm_distributed.py runs it on two)."""
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size \(2\) must divide the number of processes \(1\)"
+    ):
+        VLLMEngine(tiny_llama(False), VLLMSpec(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        VLLMSpec(tensor_parallel_size=0)
+
+
 def test_an_engine_can_be_closed_and_built_again(engines):
     """close() shuts an engine down and a new one starts cleanly; the process group vLLM created stays
     while other engines of the process (the fixture's) use it, and goes with the last one (checked
