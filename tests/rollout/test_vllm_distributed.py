@@ -42,7 +42,10 @@ from lightning_rlhf.rollout.vllm_engine import VLLMEngine
 from lightning_rlhf.stages import GRPOModule
 from lightning_rlhf.stages.common import OptimSpec
 
-policy, prompts, tp, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+policy, prompts, tp, steps, strategy = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+if strategy == "fsdp2":
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
 engine_rows = []  # prompts per engine call (llm.generate): the group's rows with tp > 1
 real_generate = LLM.generate
@@ -82,7 +85,7 @@ class Check(L.Callback):
                   pad_token_id=module.tokenizer.pad_token_id)
         engine = module.rollout_engine()
         ours = engine.generate(ids, mask, **kw)
-        ref = generate(module.policy, ids, mask, **kw)
+        ref = generate(module.policy, ids, mask, sync_stop=True, **kw)  # FSDP2: every rank runs the forwards
         module.check = {
             "greedy_equal": torch.equal(ours.response_ids, ref.response_ids),
             "greedy_tokens": int(ref.response_mask.sum()),
@@ -99,7 +102,7 @@ module = Recorded(
     generation=GenerationSpec(max_new_tokens=6, engine="vllm", vllm=VLLMSpec(
         dtype="float32", max_model_len=64, kv_cache_space_gb=1, tensor_parallel_size=tp)),
 )
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=steps,
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, limit_train_batches=steps,
                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     callbacks=[Check()])
 trainer.fit(module, datamodule=RLHFDataModule(train_files=prompts, kind="prompt", batch_size=2))
@@ -108,16 +111,19 @@ rank = trainer.global_rank
 alive = dist.is_initialized()
 total = torch.tensor([rank + 1])
 dist.all_reduce(total)
-torch.save({k: v.detach().clone() for k, v in module.policy.state_dict().items()}, f"weights-{rank}.pt")
+from lightning_rlhf.models.distributed import is_sharded
+sharded = is_sharded(module.policy)  # FSDP2: the policy's parameters are DTensor shards
+weights = {k: getattr(v, "full_tensor", v.detach)().detach().clone() for k, v in module.policy.state_dict().items()}
+torch.save(weights, f"weights-{rank}.pt")
 with open(f"result-{rank}.json", "w") as f:
     json.dump({"rollouts": module.rollouts, "syncs": syncs, "engine_rows": engine_rows, "engine_closed":
-               module._engine is None, "group_alive": alive, "all_reduce": int(total), **module.check}, f)
+               module._engine is None, "group_alive": alive, "all_reduce": int(total), "sharded": sharded, **module.check}, f)
 """
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_tokenizer, repo_root):
-    """``{tp: (folder, [result of rank 0, result of rank 1])}``, each layout launched once (lazily)."""
+    """``run(tp, strategy) -> (folder, [result of rank 0, result of rank 1])``, each launched once (lazily)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     base = tmp_path_factory.mktemp("vllm-ddp")
@@ -137,19 +143,19 @@ def runs(tmp_path_factory, demo_tokenizer, repo_root):
     (base / "ddp_rewards.py").write_text(REWARDS)
     done: dict = {}
 
-    def run(tp: int):
-        if tp not in done:
-            out = base / f"tp{tp}"
+    def run(tp: int, strategy: str = "ddp"):
+        if (tp, strategy) not in done:
+            out = base / f"{strategy}-tp{tp}"
             out.mkdir()
             path = f"{ROOT}{os.pathsep}{base}"  # the package, and the reward module
             env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=path)
             proc = subprocess.run(
-                [sys.executable, str(base / "run.py"), str(policy), str(prompts), str(tp), str(STEPS)],
+                [sys.executable, str(base / "run.py"), str(policy), str(prompts), str(tp), str(STEPS), strategy],
                 cwd=out, env=env, capture_output=True, text=True, timeout=540,
             )  # fmt: skip
             assert proc.returncode == 0, proc.stderr[-6000:]
-            done[tp] = (out, [json.loads((out / f"result-{r}.json").read_text()) for r in (0, 1)])
-        return done[tp]
+            done[tp, strategy] = (out, [json.loads((out / f"result-{r}.json").read_text()) for r in (0, 1)])
+        return done[tp, strategy]
 
     run.policy = policy
     return run
@@ -164,6 +170,7 @@ def test_each_ddp_rank_samples_its_own_prompts_with_its_own_engine(runs):
         assert r["engine_rows"][:STEPS] == [2 * 4] * STEPS  # its own 2 prompts x 4 samples per call
         assert r["greedy_equal"] and r["greedy_tokens"] > 0  # engine == transformers on the trained weights
         assert r["down_proj_columns"] == 128  # a whole engine per rank
+        assert not r["sharded"]
         # the engine closed at the end of fit, and Lightning's process group still works
         assert r["engine_closed"] and r["group_alive"] and r["all_reduce"] == 3
     for a, b in zip(r0["rollouts"], r1["rollouts"], strict=True):
@@ -203,3 +210,20 @@ def test_a_tensor_parallel_group_generates_once_and_returns_each_ranks_rows(runs
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     for k in w0:
         torch.testing.assert_close(w0[k], ref0[k], atol=1e-5, rtol=0)
+
+
+def test_fsdp2_ranks_sync_gathered_weights_into_their_engines(runs):
+    """Under FSDP2 (ModelParallelStrategy) each rank's engine gets the policy gathered one parameter at
+    a time on every rank; the rollouts and the trained weights are those of the DDP run."""
+    out, results = runs(1, "fsdp2")
+    ddp_out, ddp = runs(1)
+    for r, ref in zip(results, ddp, strict=True):
+        assert r["sharded"]  # the policy is FSDP2-sharded: the sync gathered it
+        assert r["syncs"] == [0, 1, 2] and r["down_proj_columns"] == 128
+        assert r["greedy_equal"] and r["greedy_tokens"] > 0
+        assert r["engine_closed"] and r["group_alive"] and r["all_reduce"] == 3
+        for a, b in zip(r["rollouts"], ref["rollouts"], strict=True):
+            assert a["prompts"] == b["prompts"] and a["responses"] == b["responses"]
+    w, ref = torch.load(out / "weights-0.pt"), torch.load(ddp_out / "weights-0.pt")
+    for k in ref:
+        torch.testing.assert_close(w[k], ref[k], atol=1e-5, rtol=0)
