@@ -49,8 +49,15 @@ class VLLMSpec:
     always samples from the current policy; N > 1: off-policy by up to N - 1 steps)."""
     enable_prefix_caching: bool = True
     """Share the KV cache of a prompt among its ``num_samples`` rows (reset after each sync)."""
+    tensor_parallel_size: int = 1
+    """Ranks per engine (multi-process runs): 1, one engine per rank sampling its own prompts; k > 1,
+    one engine sharded over each k consecutive ranks (same node), fed the group's prompts."""
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"generation.vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
+            )
         if self.sync_every < 1:
             raise ValueError(f"generation.vllm.sync_every must be >= 1, got {self.sync_every}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

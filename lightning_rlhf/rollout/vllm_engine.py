@@ -13,9 +13,15 @@ vLLM changes the host process when it starts; :func:`host_state_kept` restores w
 - ``torch.set_num_threads`` is patched into a no-op by vLLM's CPU backend: the thread count is
   restored through ``torch._C.set_num_threads``;
 - ``torch.distributed`` gets initialised (gloo, world size 1) when no process group exists; the
-  engine destroys it again in :meth:`VLLMEngine.close` (called at the end of fit). A group that
-  existed before (Lightning's DDP/FSDP one) is not touched, but vLLM then joins it as is: untested
-  with world size > 1, see the README.
+  engine destroys it again in :meth:`VLLMEngine.close` (called at the end of fit).
+
+In a multi-process run (Lightning DDP / FSDP2: a process group exists), every rank builds the engine
+with ``distributed_executor_backend="external_launcher"``, vLLM's torchrun mode: vLLM joins the
+existing world instead of starting workers, and lays its tensor-parallel groups over consecutive
+ranks. With ``tensor_parallel_size: 1`` each rank has a whole engine and samples its own prompts;
+with ``k > 1`` the k ranks of a group hold one engine sharded k ways, all-gather their prompts (and
+per-row seeds), generate them together, and each rank keeps its own rows. :meth:`VLLMEngine.close`
+then destroys only vLLM's own groups, never the launcher's process group.
 """
 
 from __future__ import annotations
@@ -83,10 +89,14 @@ class VLLMEngine:
         model: the policy (transformers model or peft wrapper): its config shapes the engine and its
             parameters' dtype is the engine's with ``dtype: auto``.
         spec: engine options.
-        seed: the engine's own seed (every request also gets a seed of its own, see ``generate``).
+        seed: the base of the engine's own seed, offset by the index of the rank's tensor-parallel
+            group (every request also gets a seed of its own, see ``generate``).
+        local_rank: this process's rank within its node, vLLM's device index (multi-process runs;
+            default: the policy's GPU index, else the ``LOCAL_RANK`` environment variable, else the
+            global rank).
     """
 
-    def __init__(self, model: nn.Module, spec: VLLMSpec, seed: int = 0):
+    def __init__(self, model: nn.Module, spec: VLLMSpec, seed: int = 0, local_rank: int | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             raise RuntimeError(
@@ -104,6 +114,28 @@ class VLLMEngine:
                 f"generation.engine=vllm: vLLM's CPU attention needs head_dim >= 32, the policy has {head_dim} "
                 "(use engine: hf for this model)"
             )
+        # vLLM initialises torch.distributed (gloo, world size 1) when no group exists: then it is
+        # ours (shared by the engines of this process) to destroy when the last one closes; a group
+        # that existed before the first engine (Lightning's) is joined, never destroyed
+        global _OWN_GROUP
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            _OWN_GROUP = True
+        elif _OPEN_ENGINES == 0:
+            _OWN_GROUP = False
+        self._owns_process_group = _OWN_GROUP
+        tp = spec.tensor_parallel_size
+        rank, world = (0, 1) if self._owns_process_group else (dist.get_rank(), dist.get_world_size())
+        if world % tp:
+            raise ValueError(
+                f"generation.vllm.tensor_parallel_size ({tp}) must divide the number of processes ({world})"
+                + (
+                    "; it needs a multi-process run (e.g. trainer.devices: 2, strategy: ddp)"
+                    if world == 1
+                    else ""
+                )
+            )
+        self.tp_size, self.tp_rank = tp, rank % tp
         dtype = spec.dtype
         if dtype == "auto":
             dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
@@ -115,12 +147,15 @@ class VLLMEngine:
         cfg["torch_dtype"] = dtype
         type(config).from_dict(cfg).save_pretrained(self._folder.name)
         max_len = spec.max_model_len or getattr(config, "max_position_embeddings", None)
-        # vLLM initialises torch.distributed (gloo, world size 1) when no group exists: then it is
-        # ours to destroy in close(); a group that existed before (Lightning's) is left alone
-        self._owns_process_group = not (
-            torch.distributed.is_available() and torch.distributed.is_initialized()
-        )
-        with host_state_kept():
+        dist_kwargs, env = {}, {}
+        if not self._owns_process_group:
+            # vLLM's torchrun mode: join the existing world; its executor reads RANK / LOCAL_RANK
+            if local_rank is None:  # vLLM's GPU worker takes it for the device index: the policy's GPU
+                cuda = device.type == "cuda" and device.index is not None
+                local_rank = device.index if cuda else int(os.environ.get("LOCAL_RANK", rank))
+            dist_kwargs = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=tp)
+            env = dict(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
+        with host_state_kept(), _environ(env):
             from vllm import LLM
 
             kwargs = dict(
@@ -128,7 +163,7 @@ class VLLMEngine:
                 skip_tokenizer_init=True,
                 load_format="dummy",
                 dtype=dtype,
-                seed=seed,
+                seed=seed + rank // tp,  # the ranks of a tensor-parallel group must share it
                 max_model_len=max_len,
                 enforce_eager=spec.enforce_eager,
                 enable_prefix_caching=spec.enable_prefix_caching,
@@ -138,7 +173,13 @@ class VLLMEngine:
             if device.type == "cuda":
                 kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
                 kwargs["enable_sleep_mode"] = spec.enable_sleep_mode
-            self.llm = LLM(**kwargs)
+            self.llm = LLM(**kwargs, **dist_kwargs)
+        _count_engines(+1)
+        self.tp_group = None  # the gloo group of this rank's tensor-parallel group (tp > 1)
+        if tp > 1:
+            from vllm.distributed.parallel_state import get_tp_group
+
+            self.tp_group = get_tp_group().cpu_group
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.dtype = getattr(torch, dtype)  # the engine's weights' dtype; synced weights are cast to it
         self.sleeping = False
@@ -146,16 +187,35 @@ class VLLMEngine:
         self.last_sync_s = 0.0
 
     def close(self) -> None:
-        """Shut the engine down and release its memory (KV cache, weights)."""
+        """Shut the engine down and release its memory (KV cache, weights). When it is the last
+        engine of the process, also vLLM's process groups: all of them when vLLM created the process
+        group, else (a multi-process run; every rank closes together) only vLLM's own, keeping the
+        launcher's."""
         llm, self.llm = getattr(self, "llm", None), None
+        self.tp_group = None
         if llm is not None:
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
+            import vllm.v1.engine.core as engine_core
+
+            last = _count_engines(-1) == 0
+            # EngineCore.shutdown ends with cleanup_dist_env_and_memory(), which destroys every process
+            # group, the default one too (vllm 0.32): kept for the last engine on vLLM's own group,
+            # swapped for the destruction of vLLM's groups alone on a launcher's (Lightning's) group,
+            # and for nothing while other engines of this process still use the groups
+            cleanup = engine_core.cleanup_dist_env_and_memory
+            if not last:
+                engine_core.cleanup_dist_env_and_memory = lambda: None
+            elif not self._owns_process_group:
+                engine_core.cleanup_dist_env_and_memory = _destroy_vllm_groups
+            try:
+                with contextlib.suppress(Exception):
+                    llm.llm_engine.engine_core.shutdown()
+            finally:
+                engine_core.cleanup_dist_env_and_memory = cleanup
             del llm
             import gc
 
             gc.collect()
-            if self._owns_process_group:  # undo vLLM's process group and its parallel state
+            if last and self._owns_process_group:  # in case shutdown failed: vLLM's world is ours to end
                 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
                 cleanup_dist_env_and_memory()
@@ -222,7 +282,10 @@ class VLLMEngine:
         :func:`~lightning_rlhf.rollout.generate`.
 
         Each row is its own request with a seed drawn from ``generator`` (so a run is reproducible
-        and the rows of a prompt differ); the prefix cache shares their prompt. Log-probs are the
+        and the rows of a prompt differ); the prefix cache shares their prompt. With
+        ``tensor_parallel_size > 1`` this is a collective of the rank's tensor-parallel group: the
+        group's requests (prompts and seeds) are all-gathered, generated once by the sharded engine,
+        and each rank keeps its own; every rank of the group must call it. Log-probs are the
         engine's, of the sampled token under ``softmax(logits / temperature)`` (with top-k/top-p: the
         renormalised filtered distribution the token was drawn from), fp32.
         """
@@ -249,6 +312,13 @@ class VLLMEngine:
             TokensPrompt(prompt_token_ids=ids[m.bool()].tolist())
             for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)
         ]
+        offset = 0
+        if self.tp_group is not None:  # the group's requests, in rank order; ours start at `offset`
+            groups: list = [None] * self.tp_size
+            torch.distributed.all_gather_object(groups, (prompts, seeds), group=self.tp_group)
+            offset = sum(len(p) for p, _ in groups[: self.tp_rank])
+            prompts = [p for ps, _ in groups for p in ps]
+            seeds = [s for _, ss in groups for s in ss]
         params = [
             SamplingParams(
                 n=1,
@@ -266,7 +336,7 @@ class VLLMEngine:
         ]
         self.wake_up()
         with host_state_kept():
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)[offset : offset + n]
         self.sleep()
 
         eos_set = set(eos)
@@ -295,6 +365,42 @@ class VLLMEngine:
             finished=torch.tensor(finished, dtype=torch.bool, device=device),
             prompt_index=prompt_index,
         )
+
+
+_OPEN_ENGINES = 0  # engines alive in this process
+_OWN_GROUP = False  # whether the process group was created by vLLM for them (not by a launcher)
+
+
+def _count_engines(delta: int) -> int:
+    global _OPEN_ENGINES
+    _OPEN_ENGINES += delta
+    return _OPEN_ENGINES
+
+
+def _destroy_vllm_groups() -> None:
+    """Destroy vLLM's process groups (tensor/pipeline/data parallel and its world coordinator) but
+    not torch's default group, which belongs to the launcher."""
+    from vllm.distributed import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if parallel_state._WORLD is not None:  # vLLM's coordinator over the launcher's world
+        parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, then restore the previous values."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _refresh_tied_lm_head(model: nn.Module) -> None:

@@ -633,9 +633,7 @@ class OnlineRLModule(StageModule):
             from ..rollout.vllm_engine import VLLMEngine
 
             with self.timed("engine_start"):
-                self._engine = VLLMEngine(
-                    self.policy, self.generation.vllm, seed=self.seed + self.global_rank
-                )
+                self._engine = VLLMEngine(self.policy, self.generation.vllm, seed=self.seed)
         return self._engine
 
     def sync_engine(self, force: bool = False) -> bool:

@@ -214,8 +214,21 @@ def test_small_head_dim_is_refused_with_a_clear_message():
         VLLMEngine(model, SPEC)
 
 
-def test_an_engine_can_be_closed_and_built_again():
-    """close() undoes vLLM's process group and parallel state, so a new engine starts cleanly."""
+def test_tensor_parallel_engine_needs_a_multi_process_run():
+    """tensor_parallel_size k shards one engine over k ranks: in one process it is refused before
+    vLLM starts (tests/rollout/test_vllm_distributed.py runs it on two)."""
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size \(2\) must divide the number of processes \(1\)"
+    ):
+        VLLMEngine(tiny_llama(False), VLLMSpec(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        VLLMSpec(tensor_parallel_size=0)
+
+
+def test_an_engine_can_be_closed_and_built_again(engines):
+    """close() shuts an engine down and a new one starts cleanly; the process group vLLM created stays
+    while other engines of the process (the fixture's) use it, and goes with the last one (checked
+    when the fixture closes them)."""
     model = tiny_llama(False)
     for _ in range(2):
         engine = VLLMEngine(model, SPEC)
@@ -223,4 +236,7 @@ def test_an_engine_can_be_closed_and_built_again():
         assert torch.distributed.is_initialized()
         assert same_rows(greedy(engine), greedy(model))
         engine.close()
-        assert not torch.distributed.is_initialized()
+        assert torch.distributed.is_initialized()  # the fixture's engines still hold it
+    other = tiny_llama(True, seed=3)
+    engines[True].sync_weights(other)  # ... and still work
+    assert same_rows(greedy(engines[True]), greedy(other))
