@@ -301,8 +301,11 @@ class JsonlRecords:
         return {**self.__dict__, "_fd": None, "_pid": None}
 
     def __del__(self):
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            os.close(self._fd)
+        try:
+            if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+                os.close(self._fd)
+        except Exception:  # interpreter shutdown
+            pass
 
     def where(self, i: int) -> Where:
         return Where(self.path, self.indices[i], self.lines[i])
