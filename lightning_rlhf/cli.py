@@ -256,6 +256,125 @@ def cli_main(args: list[str] | None = None, run: bool = True):
         return _cli_class()(args=args, run=run)
 
 
+# ----------------------------------------------------------------------------------- help cache
+# `fit --help` needs LightningCLI, and `import lightning.pytorch` alone takes ~5 s here (Lightning imports
+# torchmetrics, which imports transformers, scipy and matplotlib). The help text of a plain help request
+# is therefore kept on disk, keyed on everything that determines it, and printed from there.
+
+HELP_CACHE_VERSION = 1
+HELP_CACHE_KEEP = 32  # help texts kept; older ones are deleted
+_VOLATILE_ENV = {"_", "PWD", "OLDPWD", "SHLVL"}  # shell bookkeeping; the working folder is in the key
+
+
+def help_request(args: list[str]) -> bool:
+    """True for a pure help request, ``<command> -h|--help`` or ``<command> --<key>.help <class>``: its
+    output depends on no file named on the command line (no ``--config``), only on code and environment."""
+    if len(args) == 2 and args[1] in ("-h", "--help"):
+        return True
+    return len(args) == 3 and args[1].startswith("--") and args[1].endswith(".help") and not os.path.exists(args[2])
+
+
+def _stamp_tree(root: str, out: list) -> None:
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith((".py", ".pyi", ".json", ".yaml", ".jinja")):
+                st = os.stat(os.path.join(folder, name))
+                out.append((os.path.relpath(os.path.join(folder, name), root), st.st_size, st.st_mtime_ns))
+
+
+def help_key(args: list[str], package_dirs: list[str] | None = None) -> str:
+    """sha256 of what a help text depends on: the command line (and the program name), the Python and
+    its import path, every installed distribution (name, version and install time of each
+    ``*.dist-info``/``*.egg-info``, and ``.pth`` files, in every import-path folder), this package's
+    source files (path, size, mtime), the environment (less shell bookkeeping), the working folder and
+    the terminal's width. Any change gives a new key, so a stale text is never printed."""
+    import hashlib
+    import json
+    import shutil
+
+    parts: list = [HELP_CACHE_VERSION, sys.argv[0] and os.path.basename(sys.argv[0]), args, sys.version,
+                   sys.executable, sys.path, os.getcwd(), tuple(shutil.get_terminal_size()),
+                   sorted((k, v) for k, v in os.environ.items() if k not in _VOLATILE_ENV)]
+    for entry in sys.path:
+        try:
+            names = sorted(os.listdir(entry or "."))
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith((".dist-info", ".egg-info", ".pth", ".egg-link")):
+                st = os.stat(os.path.join(entry or ".", name))
+                parts.append((entry, name, st.st_mtime_ns))
+    files: list = []
+    for root in package_dirs or [os.path.dirname(os.path.abspath(__file__))]:
+        _stamp_tree(root, files)
+    parts.append(files)
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def help_cache_dir() -> str | None:
+    """``$XDG_CACHE_HOME/lightning-rlhf/help`` (``~/.cache`` by default); None when
+    ``LIGHTNING_RLHF_HELP_CACHE=0`` turns the cache off."""
+    if os.environ.get("LIGHTNING_RLHF_HELP_CACHE", "1") in ("", "0"):
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lightning-rlhf", "help")
+
+
+def _cached_help(args: list[str], run, from_command_line: bool) -> None:
+    """Print the help of ``args`` from the cache, or run ``run()`` (which prints it and exits 0) and keep
+    what it printed. Anything but a clean exit 0 is not kept. Only for a fresh command-line process:
+    called from Python, the help could list classes that the caller imported (known subclasses)."""
+    folder = help_cache_dir()
+    if folder is None or not from_command_line or not help_request(args):
+        return run()
+    path = os.path.join(folder, help_key(args) + ".txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        text = None
+    if text is not None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        raise SystemExit(0)
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    code: object = "raised"
+    try:
+        with contextlib.redirect_stdout(buffer):
+            run()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+        raise
+    finally:
+        text = buffer.getvalue()
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if code in (0, None) and text:
+            with contextlib.suppress(OSError):
+                os.makedirs(folder, exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.replace(tmp, path)  # atomic: a reader sees the whole text or none
+                _prune(folder, keep=HELP_CACHE_KEEP)
+
+
+def _prune(folder: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest help texts (each source edit or upgrade makes a new key)."""
+    import contextlib
+
+    entries = [e for e in os.scandir(folder) if e.name.endswith(".txt")]
+    if len(entries) > keep:
+        for e in sorted(entries, key=lambda e: e.stat().st_mtime_ns)[: len(entries) - keep]:
+            with contextlib.suppress(OSError):
+                os.remove(e.path)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
@@ -287,14 +406,14 @@ def _dispatch(args: list[str], argv: list[str] | None, debug: bool) -> None:
         elif args[0] == "fabric":
             from .fabric import main as fabric_main
 
-            fabric_main(args[1:])
+            _cached_help(args, lambda: fabric_main(args[1:]), argv is None)
         elif args[0] == "plan-memory":
             from .memory import main as plan_memory_main
 
             plan_memory_main(args[1:])
         elif argv is None:
             sys.argv = sys.argv[:1] + args  # without --debug; LightningCLI reads sys.argv itself
-            cli_main(None)
+            _cached_help(args, lambda: cli_main(None), from_command_line=True)
         else:
             cli_main(args)
 

@@ -28,12 +28,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
-from .evaluation import SamplingSpec
+if TYPE_CHECKING:  # imported when used: `lightning-rlhf pipeline --help` needs no torch nor Lightning
+    from .evaluation import SamplingSpec
 
 
 @dataclass
@@ -68,8 +68,14 @@ class EvalSpec:
     """Stage whose reward model gives ``proxy_reward`` and is checked on ``reward_pairs``."""
     reward_pairs: str | None = None
     """Held-out preference pairs for the reward model's accuracy and Spearman's rho to gold."""
-    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    sampling: SamplingSpec = field(default_factory=lambda: _sampling_spec())
     max_prompts: int | None = None
+
+
+def _sampling_spec(**kwargs) -> SamplingSpec:
+    from .evaluation import SamplingSpec
+
+    return SamplingSpec(**kwargs)
 
 
 @dataclass
@@ -276,6 +282,8 @@ def _model_path(name_or_path: str, output_dir: Path) -> Path:
 
 def evaluate_models(spec: EvalSpec, output_dir: Path) -> dict:
     """Evaluate every model of ``spec.models`` with the same prompts, sampling and seed."""
+    import torch
+
     from .evaluation import evaluate_policy
     from .models import load_causal_lm, load_sequence_classifier, load_tokenizer
 
@@ -384,7 +392,7 @@ def load_spec(path: str | Path) -> PipelineSpec:
 
     def evaluation(d: dict, where: str) -> EvalSpec:
         d = dict(d)
-        d["sampling"] = SamplingSpec(**d.get("sampling", {}))
+        d["sampling"] = _sampling_spec(**d.get("sampling", {}))
         try:
             return EvalSpec(**d)
         except TypeError as e:

@@ -14,13 +14,15 @@ from lightning_rlhf.data.collate import (
 from lightning_rlhf.data.datamodule import RLHFDataModule
 from lightning_rlhf.data.records import (
     DataFormatError,
+    Records,
     Where,
     detect_format,
+    index_records,
     load_records,
     parse_record,
     read_records,
 )
-from lightning_rlhf.data.tokenize import ChatTemplateError, Encoder, tokenize_records
+from lightning_rlhf.data.tokenize import ChatTemplateError, Encoder, TokenizedRecords, tokenize_records
 
 __all__ = [
     "ChatTemplateError",
@@ -30,8 +32,11 @@ __all__ = [
     "PromptCollator",
     "RLHFDataModule",
     "SFTCollator",
+    "Records",
+    "TokenizedRecords",
     "Where",
     "detect_format",
+    "index_records",
     "load_records",
     "model_inputs",
     "pack",

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_rlhf.data.collate import PreferenceCollator, PromptCollator, SFTCollator, pack
-from lightning_rlhf.data.records import DataFormatError, Where, read_records
-from lightning_rlhf.data.tokenize import tokenize_records
+from lightning_rlhf.data.records import DataFormatError, Records, index_records
+from lightning_rlhf.data.tokenize import TokenizedRecords
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ResumableDataLoader(DataLoader):
 
 
 class RLHFDataModule(L.LightningDataModule):
-    """Loads, validates and tokenises records once, and serves the batches a stage asks for.
+    """Validates and tokenises records once (streaming), and serves the batches a stage asks for.
 
     Works under a ``lightning.Trainer`` / ``LightningCLI`` (DDP included: the Trainer adds its
     ``DistributedSampler``) and standalone: call ``dm.setup("fit")`` and use
@@ -102,8 +102,12 @@ class RLHFDataModule(L.LightningDataModule):
         drop_last: drop the last incomplete training batch.
 
     Attributes (after ``setup``):
-        train_records, val_records: the raw records (dicts) of each split.
-        train_examples, val_examples: the tokenised examples.
+        train_records, val_records: the raw records (dicts) of each split, a
+            :class:`~lightning_rlhf.data.records.Records` sequence (JSONL files are indexed by byte
+            offset and read when a record is asked for, so memory does not grow with the file).
+        train_examples, val_examples: the tokenised examples, a
+            :class:`~lightning_rlhf.data.tokenize.TokenizedRecords` sequence (validated and tokenised
+            once at setup, streaming; each record is read and tokenised again when it is served).
         stats: ``{"train": {...}, "val": {...}}`` with counts ``records``, ``examples``,
             ``truncated``, ``skipped_too_long``, ``skipped_bad`` (and ``packed_rows`` when packing).
     """
@@ -155,10 +159,10 @@ class RLHFDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.drop_last = drop_last
 
-        self.train_records: list[dict] | None = None
-        self.val_records: list[dict] | None = None
-        self.train_examples: list[Any] | None = None
-        self.val_examples: list[Any] | None = None
+        self.train_records: Records | None = None
+        self.val_records: Records | None = None
+        self.train_examples: TokenizedRecords | None = None
+        self.val_examples: TokenizedRecords | None = None
         self.stats: dict[str, dict[str, int]] = {}
         self._collate = None
 
@@ -195,10 +199,10 @@ class RLHFDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------ setup
 
-    def _read(self, files: Any) -> tuple[list[dict], list[Where], int]:
+    def _read(self, files: Any) -> tuple[Records, int]:
         errors: list[DataFormatError] | None = [] if self.on_bad_record == "skip" else None
-        records, wheres = read_records(files, errors=errors)
-        return records, wheres, len(errors or [])
+        records = index_records(files, errors=errors)
+        return records, len(errors or [])
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples is not None:  # load and tokenise once
@@ -222,19 +226,19 @@ class RLHFDataModule(L.LightningDataModule):
         finally:
             self.kind, self.tokenizer = saved
         self.resolved_kind, self.resolved_tokenizer = kind, tok
-        records, wheres, unreadable = self._read(self.train_files)
+        records, unreadable = self._read(self.train_files)
         if self.val_files is not None:
-            val_records, val_wheres, val_unreadable = self._read(self.val_files)
+            val_records, val_unreadable = self._read(self.val_files)
         elif self.val_split > 0:
             order = list(range(len(records)))
             random.Random(self.seed).shuffle(order)
             n_val = max(1, round(self.val_split * len(records)))
             val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
-            val_records, val_wheres = [records[i] for i in val_idx], [wheres[i] for i in val_idx]
-            records, wheres = [records[i] for i in train_idx], [wheres[i] for i in train_idx]
+            del order
+            val_records, records = records.subset(val_idx), records.subset(train_idx)
             val_unreadable = 0
         else:
-            val_records, val_wheres, val_unreadable = [], [], 0
+            val_records, val_unreadable = records.subset([]), 0
 
         options = dict(
             max_length=self.max_length,
@@ -243,8 +247,10 @@ class RLHFDataModule(L.LightningDataModule):
             on_bad_record=self.on_bad_record,
             completion_only_loss=self.completion_only_loss,
         )
-        train_examples, train_stats = tokenize_records(records, wheres, kind, tok, name="train", **options)
-        val_examples, val_stats = tokenize_records(val_records, val_wheres, kind, tok, name="val", **options)
+        # One streaming pass per split validates and tokenises every record and keeps an index only;
+        # the loaders read and tokenise each record again when it is served.
+        train_examples, train_stats = TokenizedRecords.build(records, kind, tok, name="train", **options)
+        val_examples, val_stats = TokenizedRecords.build(val_records, kind, tok, name="val", **options)
         for stats, n in ((train_stats, unreadable), (val_stats, val_unreadable)):
             stats["records"] += n
             stats["skipped_bad"] += n
@@ -252,8 +258,8 @@ class RLHFDataModule(L.LightningDataModule):
             raise DataFormatError(f"{self.train_files}: no usable training records ({train_stats})")
 
         if kind == "sft" and self.packing:
-            rows = pack([len(ex["input_ids"]) for ex in train_examples], self.max_length, "ffd")
-            train_examples = [[train_examples[i] for i in row] for row in rows]
+            rows = pack(train_examples.lengths, self.max_length, "ffd")
+            train_examples = train_examples.packed(rows)
             train_stats["packed_rows"] = len(rows)
 
         self.train_records, self.val_records = records, val_records

@@ -20,8 +20,11 @@ JSONL) and the field.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,37 +83,43 @@ def _decode(raw: bytes, where: Where) -> str:
         ) from None
 
 
-def iter_jsonl(path: str, errors: list[DataFormatError] | None = None):
-    """Yield ``(record, where)`` of a JSONL file one line at a time (memory bounded by the longest line)."""
+def _scan_jsonl(path: str, errors: list[DataFormatError] | None = None):
+    """Yield ``(record, where, offset, size)`` of each valid line of a JSONL file: its byte offset and
+    length too, so that it can be read again later (:class:`JsonlRecords`). One line in memory at a time."""
     index = 0  # record index: non-blank lines, counted whether valid or not
+    offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue
             where = Where(path, index, lineno)
             index += 1
             try:
-                line = _decode(raw, where)
+                record = _parse_line(raw, where)
             except DataFormatError as err:
                 if errors is None:
                     raise
                 errors.append(err)
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                err = where.error(None, f"invalid JSON: {e.msg} (column {e.colno})")
-                if errors is None:
-                    raise err from None
-                errors.append(err)
-                continue
-            if not isinstance(record, dict):
-                err = where.error(None, f"expected a JSON object, got {type(record).__name__}")
-                if errors is None:
-                    raise err
-                errors.append(err)
-                continue
-            yield record, where
+            yield record, where, start, len(raw)
+
+
+def _parse_line(raw: bytes, where: Where) -> dict:
+    line = _decode(raw, where)
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise where.error(None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise where.error(None, f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def iter_jsonl(path: str, errors: list[DataFormatError] | None = None):
+    """Yield ``(record, where)`` of a JSONL file one line at a time (memory bounded by the longest line)."""
+    for record, where, _, _ in _scan_jsonl(path, errors):
+        yield record, where
 
 
 def _read_jsonl(path: str, errors: list[DataFormatError] | None) -> tuple[list[dict], list[Where]]:
@@ -187,6 +196,7 @@ def _read_dataset_folder(path: str, split: str | None) -> tuple[list[dict], list
     return records, [Where(label, i) for i in range(len(records))]
 
 
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.txt")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".txt", ".csv")
 
 
@@ -252,7 +262,7 @@ def read_records(
             records, wheres = _read_hub_dataset(os.fspath(p), split)
         elif not os.path.exists(path):
             raise DataFormatError(f"{path}: no such file or folder")
-        elif path.endswith((".jsonl", ".ndjson", ".jsonl.txt")):
+        elif path.endswith(JSONL_SUFFIXES):
             records, wheres = _read_jsonl(path, errors)
         elif path.endswith(".json"):
             records, wheres = _read_json(path, errors)
@@ -263,6 +273,134 @@ def read_records(
         all_records += records
         all_wheres += wheres
     return all_records, all_wheres
+
+
+class JsonlRecords:
+    """The valid records of one JSONL file as an index (byte offset, length, record number and line of
+    each: 20 bytes a record), read again from the file when asked for. Built by one streaming pass
+    that checks every line (UTF-8, JSON, an object) and keeps no record."""
+
+    def __init__(self, path: str, errors: list[DataFormatError] | None = None):
+        self.path = path
+        self.offsets, self.sizes = array("q"), array("I")
+        self.indices, self.lines = array("I"), array("I")
+        st = os.stat(path)
+        for _, where, offset, size in _scan_jsonl(path, errors):
+            self.offsets.append(offset)
+            self.sizes.append(size)
+            self.indices.append(where.index)
+            self.lines.append(where.line)
+        self._stamp = (st.st_size, st.st_mtime_ns)
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own descriptor
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self):
+        try:
+            if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+                os.close(self._fd)
+        except Exception:  # interpreter shutdown
+            pass
+
+    def where(self, i: int) -> Where:
+        return Where(self.path, self.indices[i], self.lines[i])
+
+    def get(self, i: int) -> dict:
+        if self._fd is None or self._pid != os.getpid():
+            fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != self._stamp:
+                os.close(fd)
+                raise DataFormatError(f"{self.path}: the file changed after it was read and indexed; restart the run")
+            self._fd, self._pid = fd, os.getpid()
+        raw = os.pread(self._fd, self.sizes[i], self.offsets[i])  # no shared file position: safe in forked workers
+        return _parse_line(raw, self.where(i))
+
+
+class ListRecords:
+    """Records held in memory (JSON, Parquet, ``datasets`` and Hub sources)."""
+
+    def __init__(self, records: list[dict], wheres: list[Where]):
+        self.records, self.wheres = records, wheres
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def where(self, i: int) -> Where:
+        return self.wheres[i]
+
+    def get(self, i: int) -> dict:
+        return self.records[i]
+
+
+class Records(Sequence):
+    """Records of one or more sources, in order, read when asked for: ``records[i]`` is the dict,
+    ``records.where(i)`` its :class:`Where`. JSONL files are indexed (:class:`JsonlRecords`), so that
+    memory does not grow with their size; other sources are held in memory.
+    ``subset(positions)`` is a view on some of them, in the given order."""
+
+    def __init__(self, parts: Sequence[JsonlRecords | ListRecords], positions: array | None = None):
+        self._parts = list(parts)
+        self._ends = list(itertools.accumulate(len(p) for p in self._parts))
+        self._positions = positions
+
+    def __len__(self) -> int:
+        return len(self._positions) if self._positions is not None else (self._ends[-1] if self._ends else 0)
+
+    def _locate(self, i: int) -> tuple[JsonlRecords | ListRecords, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        if self._positions is not None:
+            i = self._positions[i]
+        k = bisect.bisect_right(self._ends, i)
+        return self._parts[k], i - (self._ends[k - 1] if k else 0)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        part, j = self._locate(i)
+        return part.get(j)
+
+    def where(self, i: int) -> Where:
+        part, j = self._locate(i)
+        return part.where(j)
+
+    def subset(self, positions: Sequence[int]) -> Records:
+        base = self._positions
+        return Records(self._parts, array("q", (base[p] for p in positions) if base is not None else positions))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (Records, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None
+
+
+def index_records(
+    paths: PathLike | Sequence[PathLike],
+    split: str | None = None,
+    errors: list[DataFormatError] | None = None,
+) -> Records:
+    """What :func:`read_records` reads, as a :class:`Records` sequence: JSONL files are streamed once
+    (each line checked, no record kept) into an index of byte offsets and read again when a record is
+    asked for; other sources are read into memory as :func:`read_records` does."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    parts: list[JsonlRecords | ListRecords] = []
+    for p in paths:
+        path, path_split = _split_suffix(os.fspath(p))
+        if not os.path.isdir(path) and os.path.exists(path) and path.endswith(JSONL_SUFFIXES):
+            parts.append(JsonlRecords(path, errors))
+        else:
+            parts.append(ListRecords(*read_records(p, split, errors)))
+    return Records(parts)
 
 
 def load_records(paths: PathLike | Sequence[PathLike], split: str | None = None) -> list[dict]:

@@ -23,6 +23,7 @@ Tokenisation rules:
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -178,43 +179,157 @@ def tokenize_records(
     examples: list[dict] = []
     stats = {"records": len(records), "examples": 0, "truncated": 0, "skipped_too_long": 0, "skipped_bad": 0}
     for index, (record, where) in enumerate(zip(records, wheres, strict=True)):
-        try:
-            parsed = parse_record(record, kind, where)
-        except ChatTemplateError:
-            raise
-        except DataFormatError:
-            if on_bad_record == "error":
-                raise
-            stats["skipped_bad"] += 1
-            continue
-        try:
-            example, cut = _tokenize_one(parsed, index, where, kind, enc, max_length, max_prompt_length,
-                                         truncation, completion_only_loss)
-        except _TooLong as e:
-            if truncation == "error":
-                raise where.error(
-                    e.field,
-                    f"is too long: {e.n} tokens > {e.limit_name}={e.limit} (truncation='error'; "
-                    f"set truncation to 'truncate' or 'skip', or raise {e.limit_name})",
-                ) from None
-            stats["skipped_too_long"] += 1
-            continue
+        example, outcome = tokenize_record(record, where, index, kind, enc, max_length=max_length,
+                                           max_prompt_length=max_prompt_length, truncation=truncation,
+                                           on_bad_record=on_bad_record, completion_only_loss=completion_only_loss)
         if example is None:
-            stats["skipped_too_long"] += 1
+            stats[outcome] += 1
             continue
-        stats["truncated"] += int(cut)
+        stats["truncated"] += int(outcome == "truncated")
         examples.append(example)
     stats["examples"] = len(examples)
+    log_stats(stats, name, max_length, max_prompt_length)
+    return examples, stats
+
+
+def log_stats(stats: dict[str, int], name: str, max_length: int, max_prompt_length: int) -> None:
+    """Log the counts of cut and dropped records once (see :func:`tokenize_records`)."""
+    n = stats["records"]
     if stats["truncated"]:
         log.warning("%s: %d of %d records truncated (max_length=%d, max_prompt_length=%d)",
-                    name, stats["truncated"], len(records), max_length, max_prompt_length)
+                    name, stats["truncated"], n, max_length, max_prompt_length)
     if stats["skipped_too_long"]:
         log.warning("%s: %d of %d records skipped as too long (max_length=%d, max_prompt_length=%d)",
-                    name, stats["skipped_too_long"], len(records), max_length, max_prompt_length)
+                    name, stats["skipped_too_long"], n, max_length, max_prompt_length)
     if stats["skipped_bad"]:
-        log.warning("%s: %d of %d invalid records skipped (on_bad_record='skip')",
-                    name, stats["skipped_bad"], len(records))
-    return examples, stats
+        log.warning("%s: %d of %d invalid records skipped (on_bad_record='skip')", name, stats["skipped_bad"], n)
+
+
+def tokenize_record(
+    record: dict,
+    where: Where,
+    index: int,
+    kind: Kind,
+    enc: Encoder,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    truncation: Truncation,
+    on_bad_record: OnBadRecord,
+    completion_only_loss: bool,
+) -> tuple[dict | None, str]:
+    """Validate and tokenise one record (the rules of :func:`tokenize_records`).
+
+    Returns ``(example, "ok" | "truncated")``, or ``(None, "skipped_bad" | "skipped_too_long")`` for a
+    record that the policies drop; raises :class:`DataFormatError` for one they do not allow.
+    """
+    try:
+        parsed = parse_record(record, kind, where)
+    except ChatTemplateError:
+        raise
+    except DataFormatError:
+        if on_bad_record == "error":
+            raise
+        return None, "skipped_bad"
+    try:
+        example, cut = _tokenize_one(parsed, index, where, kind, enc, max_length, max_prompt_length,
+                                     truncation, completion_only_loss)
+    except _TooLong as e:
+        if truncation == "error":
+            raise where.error(
+                e.field,
+                f"is too long: {e.n} tokens > {e.limit_name}={e.limit} (truncation='error'; "
+                f"set truncation to 'truncate' or 'skip', or raise {e.limit_name})",
+            ) from None
+        return None, "skipped_too_long"
+    if example is None:
+        return None, "skipped_too_long"
+    return example, "truncated" if cut else "ok"
+
+
+def example_length(example: dict) -> int:
+    """Tokens of an example (an SFT example's ``input_ids``; prompt + the longer completion otherwise)."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return len(example["prompt_ids"]) + max(len(example.get("chosen_ids", ())), len(example.get("rejected_ids", ())))
+
+
+class TokenizedRecords(Sequence):
+    """The examples of a :class:`~lightning_rlhf.data.records.Records` sequence, tokenised when asked for.
+
+    :meth:`build` validates and tokenises every record once, streaming (one record in memory at a
+    time), and keeps only which records give an example and the example's length (12 bytes each);
+    ``examples[i]`` then reads and tokenises its record again, giving exactly what
+    :func:`tokenize_records` gives. ``rows`` (from :func:`~lightning_rlhf.data.collate.pack`) turns it
+    into packed rows: ``examples[i]`` is then the list of examples of row ``i``.
+    """
+
+    def __init__(self, records, kind: Kind, tokenizer: Any, positions: array, lengths: array, options: dict,
+                 rows: tuple[array, array] | None = None):
+        self.records, self.kind, self.tokenizer = records, kind, tokenizer
+        self.positions, self.lengths, self.options = positions, lengths, dict(options)
+        self._rows = rows  # (flat example order, row starts + [end])
+        self._enc: Encoder | None = None
+
+    @classmethod
+    def build(cls, records, kind: Kind, tokenizer: Any, *, name: str = "data",
+              **options) -> tuple[TokenizedRecords, dict[str, int]]:
+        """Validate and tokenise ``records`` once (as :func:`tokenize_records`, same options), keeping an index."""
+        enc = Encoder(tokenizer)
+        positions, lengths = array("q"), array("I")
+        stats = {"records": len(records), "examples": 0, "truncated": 0, "skipped_too_long": 0, "skipped_bad": 0}
+        for index, record in enumerate(records):
+            example, outcome = tokenize_record(record, records.where(index), index, kind, enc, **options)
+            if example is None:
+                stats[outcome] += 1
+                continue
+            stats["truncated"] += int(outcome == "truncated")
+            positions.append(index)
+            lengths.append(example_length(example))
+        stats["examples"] = len(positions)
+        log_stats(stats, name, options["max_length"], options["max_prompt_length"])
+        out = cls(records, kind, tokenizer, positions, lengths, options)
+        out._enc = enc
+        return out, stats
+
+    def packed(self, rows: Sequence[Sequence[int]]) -> TokenizedRecords:
+        """Rows of examples (indices into this sequence), each served as one item."""
+        order, starts = array("q"), array("q", [0])
+        for row in rows:
+            order.extend(row)
+            starts.append(len(order))
+        return TokenizedRecords(self.records, self.kind, self.tokenizer, self.positions, self.lengths,
+                                self.options, rows=(order, starts))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_enc": None}
+
+    def __len__(self) -> int:
+        return len(self._rows[1]) - 1 if self._rows is not None else len(self.positions)
+
+    def example(self, i: int) -> dict:
+        """The ``i``-th example (not row)."""
+        if self._enc is None:
+            self._enc = Encoder(self.tokenizer)
+        index = self.positions[i]
+        example, _ = tokenize_record(self.records[index], self.records.where(index), index, self.kind, self._enc,
+                                     **self.options)
+        assert example is not None, f"{self.records.where(index)} gave an example when indexed and none now"
+        return example
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            if self._rows is not None:
+                return [self[j] for j in range(*i.indices(len(self)))]
+            return TokenizedRecords(self.records, self.kind, self.tokenizer, self.positions[i], self.lengths[i],
+                                    self.options)
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        if self._rows is None:
+            return self.example(i)
+        order, starts = self._rows
+        return [self.example(order[j]) for j in range(starts[i], starts[i + 1])]
 
 
 def _tokenize_one(parsed, index, where, kind, enc: Encoder, max_length, max_prompt_length, truncation,

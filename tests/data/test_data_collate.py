@@ -30,6 +30,29 @@ def test_pack_puts_every_example_once_within_max_length(strategy):
         assert len(rows) <= len(pack(lengths, 64, "greedy"))
 
 
+def _first_fit_decreasing(lengths, max_length):
+    """The textbook first-fit decreasing: scan the rows in order for the first with room (O(N * rows))."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - lengths[i])
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ffd_pack_equals_the_textbook_first_fit_decreasing(seed):
+    rng = random.Random(seed)
+    n, max_length = rng.choice([1, 2, 7, 300]), rng.choice([8, 64, 512])
+    lengths = [rng.randint(1, max_length) for _ in range(n)]
+    assert pack(lengths, max_length, "ffd") == _first_fit_decreasing(lengths, max_length)
+
+
 def test_packed_batch_holds_every_token_once_with_restarting_positions():
     exs = _examples([5, 3, 7, 2, 6])
     rows = [[exs[i] for i in row] for row in pack([len(e["input_ids"]) for e in exs], 12)]
