@@ -66,21 +66,30 @@ def parallelize(module, device_mesh):
 
 def build_fabric(accelerator="auto", devices="auto", num_nodes: int = 1, strategy: Any = "auto",
                  precision: Any = "32-true", loggers=None):
-    """A ``lightning.Fabric``. ``strategy`` is a Fabric strategy name or instance, ``"fsdp2"``, or a
-    Trainer-style ``{"class_path": "...ModelParallelStrategy", "init_args": {...}}`` (FSDP2 with
-    ``parallelize``)."""
+    """A ``lightning.Fabric``. ``strategy`` is a Fabric strategy name or instance, ``"fsdp2"`` (every
+    process one data-parallel rank), or a Trainer-style ``{"class_path": "...ModelParallelStrategy",
+    "init_args": {...}}`` (FSDP2 with ``parallelize``)."""
     import lightning
 
+    processes = None
+    if isinstance(strategy, str) and strategy == "fsdp2":  # the processes Fabric launches, as it parses devices
+        probe = lightning.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+        processes = len(probe.strategy.parallel_devices) * num_nodes
     return lightning.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                            strategy=fabric_strategy(strategy), precision=precision, loggers=loggers)
+                            strategy=fabric_strategy(strategy, processes), precision=precision, loggers=loggers)
 
 
-def fabric_strategy(strategy: Any):
-    """A Trainer strategy spec as a Fabric strategy (ModelParallelStrategy gets ``parallelize``)."""
+def fabric_strategy(strategy: Any, processes: int | None = None):
+    """A Trainer strategy spec as a Fabric strategy (ModelParallelStrategy gets ``parallelize``).
+    ``"fsdp2"``: ``data_parallel_size=processes, tensor_parallel_size=1`` (ModelParallelStrategy's
+    own default, ``auto``, would make every process a tensor-parallel rank of one data-parallel
+    rank, which the stages refuse: they shard over the data-parallel dimension only)."""
     from lightning.fabric.strategies import ModelParallelStrategy
 
     if isinstance(strategy, str) and strategy == "fsdp2":
-        return ModelParallelStrategy(parallelize_fn=parallelize)
+        if processes is None:
+            raise ValueError("fabric_strategy('fsdp2') needs the number of processes (build_fabric finds it)")
+        return ModelParallelStrategy(parallelize_fn=parallelize, data_parallel_size=processes, tensor_parallel_size=1)
     spec = _as_dict(strategy)
     if isinstance(spec, dict) and "class_path" in spec:
         name = spec["class_path"].rsplit(".", 1)[-1]

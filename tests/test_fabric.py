@@ -1,6 +1,9 @@
 """The Fabric runner (``lightning_rlhf.fabric``, ``lightning-rlhf fabric``): every stage trains under
 Fabric exactly as under the Trainer; several processes (gloo) keep the ranks equal and match the
-Trainer; a checkpoint resumes to the straight run.
+Trainer, PPO and GRPO with the data-dependent decisions the ranks must agree on (one rank's
+responses stopping early, target_kl, dynamic sampling); a checkpoint resumes to the straight run.
+Fabric against one process on the same global batch: test_distributed's
+``test_two_processes_train_like_one_process_on_the_same_global_batch``.
 
 Tolerances: one process, the same seeds and batches: the runner and the Trainer run the same
 operations in the same order, so the weights agree to float32 round-off (atol 1e-6). Two processes
@@ -124,6 +127,27 @@ def test_unsupported_trainer_options_are_refused_with_a_message(tmp_path):
     assert "optim.max_grad_norm" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_tensor_parallel_mesh_is_refused_with_a_message(tmp_path):
+    """ModelParallelStrategy's default sizes (``auto``) make every process a tensor-parallel rank of
+    one data-parallel rank; the stages shard over the data-parallel dimension only, so the ranks
+    would each train a whole copy on the same batches, unsynchronised. Refused at set-up, naming the
+    sizes to use (``build_fabric(strategy="fsdp2")`` sets them: see test_distributed)."""
+    cfg = tmp_path / "tp.yaml"
+    cfg.write_text("trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "lightning_rlhf", "fabric", "--config", str(ROOT / "configs/demo/sft.yaml"),
+            "--config", str(cfg), "--trainer.devices", "2", "--trainer.logger", "false", "--trainer.max_steps", "1",
+            "--trainer.callbacks", "[]", "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
+            "--model.init_args.output_dir", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "tensor_parallel_size=2 (data_parallel_size=1)" in proc.stderr
+    assert "set data_parallel_size: 2 and tensor_parallel_size: 1" in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Two processes (gloo) through `lightning-rlhf fabric`: each rank writes its weights after training.
 
@@ -132,8 +156,22 @@ import json, os, sys, torch
 from lightning_rlhf import fabric as F
 from lightning_rlhf.cli import main
 
+KEYS = ("train/epochs", "rollout/sampling_rounds", "rollout/groups", "rollout/response_len")
 fit = F.FabricRunner.fit
 def fit_and_record(self, module, datamodule, ckpt_path=None):
+    metrics, forwards = {}, []
+    log_dict, configure_model = module.log_dict, module.configure_model
+    def record(values, *args, **kwargs):  # this rank's logged decisions, per rollout step
+        for k in KEYS:
+            if k in values:
+                metrics.setdefault(k, []).append(round(float(values[k]), 3))
+        return log_dict(values, *args, **kwargs)
+    def configure_and_count():  # every forward of the policy (a collective under FSDP2)
+        configure_model()
+        if hasattr(module, "rollout_step") and not forwards:
+            forwards.append(0)
+            module.policy.register_forward_hook(lambda *a: forwards.append(1))
+    module.log_dict, module.configure_model = record, configure_and_count
     fit(self, module, datamodule, ckpt_path)
     model = module.exported_model()
     # every rank's own copy: the full tensors under FSDP2 (gathered on each rank), the replicas under DDP
@@ -142,7 +180,8 @@ def fit_and_record(self, module, datamodule, ckpt_path=None):
     torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, os.path.join(os.environ["RANK_OUT"], f"weights-{rank}.pt"))
     with open(os.path.join(os.environ["RANK_OUT"], f"rank-{rank}.json"), "w") as f:
         json.dump({"rank": module.global_rank, "world": self.fabric.world_size, "step": self.step,
-                   "rollout_step": getattr(module, "rollout_step", None)}, f)
+                   "rollout_step": getattr(module, "rollout_step", None), "metrics": metrics,
+                   "forwards": len(forwards)}, f)
 F.FabricRunner.fit = fit_and_record
 main(sys.argv[1:])
 """
@@ -153,9 +192,33 @@ FSDP2_YAML = (
 )
 
 LENGTH_REWARD = """
+import torch.distributed as dist
+
+from lightning_rlhf.stages import GRPOModule, PPOModule
+
+
 def length(prompts, completions, **_):
     # signal in almost every group of a random model's samples, so every step has gradients
     return [float(len(c)) for c in completions]
+
+
+def length_on_rank0(prompts, completions, **_):
+    # rank 1: no group ever has signal (GRPO's dynamic sampling keeps none there)
+    return [float(len(c)) if dist.get_rank() == 0 else 0.0 for c in completions]
+
+
+class EarlyStopOnRank1:
+    def eos_token_ids(self):
+        # rank 1: every token ends a response, so its rows all stop after one token; rank 0's run on
+        return list(range(len(self.tokenizer))) if self.global_rank == 1 else super().eos_token_ids()
+
+
+class PPO(EarlyStopOnRank1, PPOModule):
+    pass
+
+
+class GRPO(EarlyStopOnRank1, GRPOModule):
+    pass
 """
 
 GRPO_YAML = """
@@ -216,11 +279,19 @@ def test_two_processes_under_fabric_keep_ranks_equal_and_match_the_trainer(tmp_p
         key = "model" if stage == "reward" else "policy"
         extra = offline + [f"--model.init_args.{key}.path", str(tiny_model_dir)]
     else:
+        # the data-dependent decisions the ranks must agree on: rank 1's responses all stop after one
+        # token while rank 0's run on (every forward and backward is matched, or FSDP2 hangs and the
+        # timeout fails the test); PPO's target_kl stops both ranks' epochs after the first; GRPO's
+        # dynamic sampling finds signal on rank 0 only (rank 1 trains with zero weight)
         config = str(tmp_path / f"{stage}.yaml")
         text = GRPO_YAML.format(policy=tiny_model_dir, prompts=ROOT / "data/demo/reviews/prompts_eval.jsonl")
+        text = text.replace("lightning_rlhf.stages.GRPOModule", f"length_reward.{stage.upper()}")
         if stage == "ppo":
-            text = text.replace("GRPOModule", "PPOModule").replace("num_generations: 2", "critic_init: policy")
-            text = text.replace("beta: 0.1", "ppo_epochs: 2\n    mini_batch_size: 2\n    kl_coef: 0.1")
+            text = text.replace("num_generations: 2", "critic_init: policy\n    target_kl: 1.0e-12")
+            text = text.replace("beta: 0.1", "ppo_epochs: 2\n    mini_batch_size: 1\n    kl_coef: 0.1")
+        else:
+            text = text.replace("length_reward.length]", "length_reward.length_on_rank0]")
+            text = text.replace("beta: 0.1", "beta: 0.1\n    dynamic_sampling: true\n    max_resample_rounds: 1")
         Path(config).write_text(text)
         extra = ["--trainer.enable_progress_bar", "false"]
     reference = load_file(_run(tmp_path, "fit", config, "ddp", extra) / "out" / "model.safetensors")
@@ -232,6 +303,15 @@ def test_two_processes_under_fabric_keep_ranks_equal_and_match_the_trainer(tmp_p
         assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == 2  # the module sees Fabric's rank
         if stage in ("ppo", "grpo"):
             assert ranks[0]["rollout_step"] == ranks[1]["rollout_step"] == 2
+            assert ranks[0]["forwards"] == ranks[1]["forwards"] > 0  # the same forwards on both ranks
+            m0, m1 = ranks[0]["metrics"], ranks[1]["metrics"]
+            assert m1["rollout/response_len"] == [1.0, 1.0]  # rank 1 stopped after one token ...
+            assert all(v > 1.0 for v in m0["rollout/response_len"])  # ... rank 0 did not
+            if stage == "ppo":
+                assert m0["train/epochs"] == m1["train/epochs"] == [1.0, 1.0]  # target_kl: 1 of 2 epochs
+            else:
+                assert m0["rollout/sampling_rounds"] == m1["rollout/sampling_rounds"] == [2.0, 2.0]  # 1 + 1 more
+                assert m1["rollout/groups"] == [0.0, 0.0] and all(v > 0 for v in m0["rollout/groups"])
         w0, w1 = (torch.load(work / f"weights-{r}.pt") for r in (0, 1))
         for name, w in w0.items():
             assert torch.equal(w, w1[name]), f"{strategy}: ranks differ on {name}"

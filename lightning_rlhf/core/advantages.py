@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_rlhf.core.ops import _bool_mask, masked_mean, masked_var
+from lightning_rlhf.core.ops import _bool_mask, masked_mean, masked_var, moments_mean_var
 
 __all__ = [
     "gae",
     "whiten",
+    "group_centred",
     "flat_groups",
     "group_advantages",
     "kl_penalty",
@@ -70,14 +71,25 @@ def gae(
 
 
 def whiten(
-    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, unbiased: bool = True
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    unbiased: bool = True,
+    moments: Tensor | None = None,
 ) -> Tensor:
-    """Normalise ``x`` to zero mean and unit variance over its real elements (the whole tensor).
+    """Normalise ``x`` to zero mean and unit variance over its real elements (the whole tensor), or
+    with the mean and variance of a larger batch it is part of (``moments``).
 
     Follows TRL's ``masked_whiten``: ``(x - mean) * rsqrt(var + eps)`` with the *unbiased* masked
     variance (Bessel-corrected; pass ``unbiased=False`` for the population variance OpenRLHF uses).
     With ``shift_mean=False`` the mean is added back: only the scale changes (TRL semantics; used
     for rewards, whose sign carries meaning).
+
+    Several processes: pass ``moments = all_reduce(masked_moments(x, mask))`` (every rank's
+    ``[count, sum, sum of squares]`` summed) and each rank's ``x`` is whitened with the global mean
+    and variance, so that 2 processes x B rows give 1 process x 2B rows (OpenRLHF all-reduces the
+    same sums for its advantage normalisation).
 
     Args:
         x: any shape, typically ``(B, T)`` advantages.
@@ -85,14 +97,19 @@ def whiten(
         shift_mean: subtract the mean (True) or keep it (False).
         eps: added to the variance.
         unbiased: Bessel's correction in the variance.
+        moments: ``(3,)`` statistics from :func:`~lightning_rlhf.core.ops.masked_moments` (of ``x``
+            and of the rest of the batch); None: ``x``'s own, computed in two passes.
 
     Returns:
         Same shape as ``x``, 0 on masked positions. With fewer than 2 real elements (unbiased) the
         variance is taken as 0.
     """
     m = _bool_mask(x, mask)
-    mean = masked_mean(x, m)
-    var = masked_var(x, m, unbiased=unbiased)
+    if moments is None:
+        mean = masked_mean(x, m)
+        var = masked_var(x, m, unbiased=unbiased)
+    else:
+        mean, var = (v.to(x.dtype) for v in moments_mean_var(moments.to(x.device), unbiased=unbiased))
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -100,6 +117,18 @@ def whiten(
 
 
 _GROUP_METHODS = ("grpo", "rloo", "reinforce_pp")
+
+
+def group_centred(rewards: Tensor, group_size: int) -> Tensor:
+    """``(N,)`` rewards minus their group's mean, ``r - mean_g`` (groups laid out as in
+    :func:`group_advantages`; detached, floating point). REINFORCE++'s batch whitening normalises
+    these: their :func:`~lightning_rlhf.core.ops.masked_moments`, summed over ranks, are
+    ``group_advantages``' ``moments``."""
+    r = rewards.detach()
+    if not r.is_floating_point():
+        r = r.float()
+    g = r.view(-1, group_size)  # (num_prompts, k)
+    return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
 
 
 def flat_groups(rewards: Tensor, group_size: int, atol: float = 1e-6) -> Tensor:
@@ -125,6 +154,7 @@ def group_advantages(
     scale_by_std: bool = True,
     eps: float = 1e-6,
     flat_atol: float = 1e-6,
+    moments: Tensor | None = None,
 ) -> Tensor:
     """Critic-free, outcome-level advantages from groups of completions of the same prompt.
 
@@ -161,6 +191,10 @@ def group_advantages(
         eps: added to the std.
         flat_atol: tolerance of "all rewards equal" (see :func:`flat_groups`); a negative value switches
             the rule off.
+        moments: ``reinforce_pp`` only: the ``(3,)`` statistics of the batch it whitens over, the
+            :func:`~lightning_rlhf.core.ops.masked_moments` of :func:`group_centred` rewards summed
+            over every rank (then 2 processes x B groups equal 1 process x 2B groups); None: this
+            batch's own.
 
     Returns:
         ``(N,)`` advantages (detached, floating point); broadcast them over response tokens with
@@ -191,7 +225,11 @@ def group_advantages(
         adv = g - baseline
     else:  # reinforce_pp
         a = g - mean
-        adv = (a - a.mean()) / (a.std(unbiased=False) + eps)
+        if moments is None:
+            adv = (a - a.mean()) / (a.std(unbiased=False) + eps)
+        else:  # the global batch's mean and population std
+            m, var = (v.to(a.dtype) for v in moments_mean_var(moments.to(a.device), unbiased=False))
+            adv = (a - m) / (var.sqrt() + eps)
     flat = flat_groups(g.reshape(-1), group_size, flat_atol)  # (num_prompts,)
     return adv.masked_fill(flat[:, None], 0.0).reshape(-1)
 

@@ -14,7 +14,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["masked_sum", "masked_mean", "masked_var", "logprobs_from_logits", "entropy_from_logits"]
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_moments",
+    "moments_mean_var",
+    "logprobs_from_logits",
+    "entropy_from_logits",
+]
 
 # Rows of logits processed at once by `logprobs_from_logits` / `entropy_from_logits`: about
 # 4M elements (16 MiB in fp32) per chunk, so the fp32 temporaries stay small whatever B*T is.
@@ -84,6 +92,39 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, dim: int | None =
     n = _count(x, mask, dim)
     denom = n - 1 if unbiased else n
     return torch.where(denom > 0, total / denom.clamp(min=1), torch.zeros_like(total))
+
+
+def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
+    """The additive statistics of ``x``'s real elements: ``(3,)`` float64 ``[count, sum, sum of squares]``.
+
+    Statistics of a union of batches are the sum of theirs, so an all-reduce (sum) of each rank's
+    moments gives the statistics of every rank's elements at once: what :func:`moments_mean_var`
+    and ``whiten(..., moments=...)`` take to normalise over the global batch (2 processes x B rows
+    then equal 1 process x 2B rows). float64, so that ``sum of squares - sum^2 / count`` keeps its
+    digits (it loses about ``log10(mean^2 / var)`` of float64's 16).
+
+    Args:
+        x: any shape, e.g. ``(B, T)`` advantages.
+        mask: bool or 0/1, broadcastable to ``x``.
+    """
+    m = _bool_mask(x, mask)
+    xm = torch.where(m, x.detach().double(), torch.zeros((), dtype=torch.float64, device=x.device))
+    count = m.expand(torch.broadcast_shapes(x.shape, m.shape)).sum().double()
+    return torch.stack([count, xm.sum(), (xm * xm).sum()])
+
+
+def moments_mean_var(moments: Tensor, unbiased: bool = True) -> tuple[Tensor, Tensor]:
+    """Mean and variance from :func:`masked_moments` (possibly summed over ranks): float64 scalars.
+
+    ``var = (sum of squares - count * mean^2) / (count - 1)`` (``/ count`` with ``unbiased=False``),
+    clamped at 0 against rounding; as :func:`masked_var`, an undefined variance (fewer than 2
+    elements, unbiased; none, biased) is 0, and the mean of no element is 0.
+    """
+    count, total, squares = moments.double().unbind()
+    mean = total / count.clamp(min=1)
+    denom = count - 1 if unbiased else count
+    var = ((squares - count * mean * mean) / denom.clamp(min=1)).clamp(min=0)
+    return mean, torch.where(denom > 0, var, torch.zeros_like(var))
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,6 +75,18 @@ def fsdp_gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
 
 def _data_parallel_mesh(mesh):
     names = getattr(mesh, "mesh_dim_names", None) or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        # the models are sharded over the data-parallel ranks only: tensor-parallel ranks would each
+        # hold a whole unsynchronised copy and read the same batches (ModelParallelStrategy's default
+        # sizes, `auto`, give tensor_parallel_size = devices)
+        from ..errors import ConfigError
+
+        dp, tp = mesh["data_parallel"].size(), mesh["tensor_parallel"].size()
+        raise ConfigError(
+            f"ModelParallelStrategy with tensor_parallel_size={tp} (data_parallel_size={dp}): lightning-rlhf "
+            "shards its models with FSDP2 over the data-parallel dimension only; set "
+            f"data_parallel_size: {dp * tp} and tensor_parallel_size: 1"
+        )
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 

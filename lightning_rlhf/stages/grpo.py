@@ -22,7 +22,16 @@ from typing import Literal
 
 import torch
 
-from ..core import aggregate_loss, flat_groups, group_advantages, kl_penalty, masked_mean, ppo_policy_loss
+from ..core import (
+    aggregate_loss,
+    flat_groups,
+    group_advantages,
+    group_centred,
+    kl_penalty,
+    masked_mean,
+    masked_moments,
+    ppo_policy_loss,
+)
 from ..models import ModelSpec
 from ..models.distributed import all_reduce
 from ..rollout import Rollout
@@ -184,7 +193,7 @@ class GRPOModule(OnlineRLModule):
             else kl_penalty(rollout.logprobs, ref_logprobs, self.kl_estimator, mask)
         )
         rewards = self.sequence_rewards(scores.rewards, kl, mask)
-        advantages = self.advantages(rewards)
+        advantages = self.advantages(rewards, has_rows)
         with self.timed("train"):
             args = (rollout, old_logprobs, ref_logprobs, advantages)
             stats.update(self.optimise(*args) if has_rows else self.optimise(*args, has_rows=False))
@@ -267,10 +276,17 @@ class GRPOModule(OnlineRLModule):
             return scores
         return scores - self.kl_ctl.value * (kl * mask).sum(-1)
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+    def advantages(self, rewards: torch.Tensor, has_rows: bool = True) -> torch.Tensor:
         """``(N,)`` group advantages; exactly 0 for groups whose rewards are all equal
-        (``core.group_advantages`` guarantees it)."""
-        return group_advantages(rewards, self.num_generations, self.advantage_estimator, self.scale_by_std)
+        (``core.group_advantages`` guarantees it). ``reinforce_pp`` whitens with the statistics of
+        every rank's rows (``has_rows=False``: this rank's rows are not trained on and do not count)."""
+        moments = None
+        if self.advantage_estimator == "reinforce_pp":  # a collective: every rank calls advantages()
+            local = masked_moments(group_centred(rewards, self.num_generations), torch.ones_like(rewards))
+            moments = all_reduce(local if has_rows else torch.zeros_like(local))
+        return group_advantages(
+            rewards, self.num_generations, self.advantage_estimator, self.scale_by_std, moments=moments
+        )
 
     # --------------------------------------------------------------------------- optimisation
 

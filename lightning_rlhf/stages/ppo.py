@@ -13,8 +13,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core import gae, masked_mean, masked_var, ppo_policy_loss, value_loss, whiten
+from ..core import gae, masked_mean, masked_moments, masked_var, ppo_policy_loss, value_loss, whiten
 from ..models import ModelSpec, as_spec, load_sequence_classifier
+from ..models.distributed import all_reduce
 from ..models.loader import DTYPES
 from ..models.value import ValueHead, hidden_size, logprobs_and_values, sequence_values
 from ..rollout import Rollout, eval_mode
@@ -75,7 +76,7 @@ class PPOModule(OnlineRLModule):
         gamma: discount of GAE.
         lam: GAE lambda.
         whiten_advantages: normalise advantages over the rollout's response tokens (zero mean, unit
-            variance).
+            variance), of every rank together under several processes.
         loss_agg: reduction of the per-token losses: ``token_mean``, ``seq_mean_token_mean`` or
             ``seq_mean_token_sum`` (see ``core.losses``).
         target_kl: stop the epochs of a step early once the mean ``approx_kl`` of an epoch exceeds it
@@ -197,8 +198,8 @@ class PPOModule(OnlineRLModule):
         mask = rollout.response_mask
         rewards, kl = self.kl_shaped_rewards(scores.rewards, logprobs, ref_logprobs, mask)
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
-        if self.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        if self.whiten_advantages:  # with every rank's mean and variance: 2 x B rows train as 1 x 2B
+            advantages = whiten(advantages, mask, moments=all_reduce(masked_moments(advantages, mask)))
         with self.timed("train"):
             stats = self.optimise(rollout, logprobs, values, advantages, returns)
         stats.update(self.value_metrics(values, returns, mask))

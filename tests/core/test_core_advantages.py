@@ -13,7 +13,10 @@ from lightning_rlhf.core import (
     flat_groups,
     gae,
     group_advantages,
+    group_centred,
     kl_penalty,
+    masked_moments,
+    moments_mean_var,
     whiten,
 )
 
@@ -150,6 +153,59 @@ def test_whiten_gives_masked_mean_0_var_1(B, T, seed, scale, loc):
     assert torch.equal(w, whiten(x.masked_fill(~mask, 1e30), mask, eps=0.0))
 
 
+def test_moments_give_the_mean_and_variance_of_the_real_elements():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=gen) * 4 + 100  # a large mean: the float64 sums keep the digits
+    mask, _ = _right_padded(6, 5, gen)
+    vals = x[mask].double()
+    m = masked_moments(x.masked_fill(~mask, float("nan")), mask)  # padding never counts, even NaN
+    assert m.dtype == torch.float64 and m[0].item() == mask.sum().item()
+    mean, var = moments_mean_var(m)
+    torch.testing.assert_close(mean, vals.mean(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(var, vals.var(unbiased=True), atol=0, rtol=1e-9)
+    torch.testing.assert_close(moments_mean_var(m, unbiased=False)[1], vals.var(unbiased=False), atol=0, rtol=1e-9)
+    # as masked_var: no element / one element -> mean 0 / variance 0, not NaN
+    for n in (0, 1):
+        one = torch.zeros(4, dtype=torch.bool)
+        one[:n] = True
+        mean, var = moments_mean_var(masked_moments(torch.full((4,), 7.0), one))
+        assert mean.item() == (7.0 if n else 0.0) and var.item() == 0.0
+
+
+@FAST
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(2, 8), st.integers(0, 2**31 - 1), st.booleans())
+def test_whiten_with_summed_moments_equals_whitening_the_union(b0, b1, T, seed, unbiased):
+    """Two "ranks" whitening their rows with the sum of their moments give what one process gets by
+    whitening all rows at once (what PPO's global advantage whitening relies on); each rank's own
+    statistics would not."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b0 + b1, T, generator=gen, dtype=torch.float64) * 3 + 1
+    mask = torch.rand(b0 + b1, T, generator=gen) < 0.7
+    mask[0, :2] = True
+    mask[b0, 0] = True  # each part has a real element
+    parts = [(x[:b0], mask[:b0]), (x[b0:], mask[b0:])]
+    total = sum(masked_moments(xi, mi) for xi, mi in parts)  # the all-reduce
+    got = torch.cat([whiten(xi, mi, moments=total, unbiased=unbiased) for xi, mi in parts])
+    torch.testing.assert_close(got, whiten(x, mask, unbiased=unbiased), atol=1e-9, rtol=1e-9)
+    # an independent formula: (x - mean) / sqrt(var + eps) over the union's real values
+    vals = x[mask]
+    ref = (x - vals.mean()) / torch.sqrt(vals.var(unbiased=unbiased) + 1e-8)
+    torch.testing.assert_close(got[mask], ref[mask], atol=1e-9, rtol=1e-9)
+    assert torch.all(got[~mask] == 0)
+    # float32 input: float64 moments, a float32 result
+    x32 = x.float()
+    got32 = whiten(x32, mask, moments=masked_moments(x32, mask))
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32, whiten(x32, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_per_part_whitening_differs_from_the_union():
+    x = torch.tensor([[1.0, 2.0], [10.0, 30.0]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    per_part = torch.cat([whiten(x[:1], mask[:1]), whiten(x[1:], mask[1:])])
+    assert not torch.allclose(per_part, whiten(x, mask))  # why the moments are all-reduced
+
+
 # ---------------------------------------------------------------- group advantages
 
 
@@ -199,6 +255,28 @@ def test_group_advantages_by_hand():
     # sqrt((0.25 + 0.25 + 1 + 1) / 4) = sqrt(0.625) = 0.7906
     got = group_advantages(torch.tensor([0.0, 1.0, 1.0, 3.0]), 2, "reinforce_pp", eps=0.0)
     torch.testing.assert_close(got, torch.tensor([-0.5, 0.5, -1.0, 1.0]) / math.sqrt(0.625))
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "reinforce_pp"])
+def test_group_advantages_with_summed_moments_equal_the_union(method):
+    """REINFORCE++ whitens over the batch: two "ranks" passing the sum of their group-centred
+    rewards' moments get one process's advantages on all groups; the per-group methods ignore
+    ``moments``."""
+    gen = torch.Generator().manual_seed(4)
+    r = torch.randn(6 * 3, generator=gen, dtype=torch.float64) * 2
+    r[6:9] = 0.5  # a flat group: still counted in the statistics, advantage 0
+    parts = (r[:9], r[9:])  # 3 groups of 3 on each rank
+    total = sum(masked_moments(group_centred(p, 3), torch.ones_like(p, dtype=torch.bool)) for p in parts)
+    got = torch.cat([group_advantages(p, 3, method, moments=total) for p in parts])
+    torch.testing.assert_close(got, group_advantages(r, 3, method), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got, _group_ref(r, 3, method, True, 1e-6), atol=1e-10, rtol=1e-10)
+    assert torch.equal(got[6:9], torch.zeros(3, dtype=torch.float64))
+    if method == "reinforce_pp":
+        alone = torch.cat([group_advantages(p, 3, method) for p in parts])
+        assert not torch.allclose(alone, got)  # each rank's own statistics are not the batch's
+    torch.testing.assert_close(
+        group_centred(r, 3), (r.view(-1, 3) - r.view(-1, 3).mean(1, keepdim=True)).flatten()
+    )
 
 
 def test_group_advantages_options_and_errors():

@@ -63,6 +63,9 @@ def test_public_names_are_exported():
         "masked_mean",
         "masked_var",
         "masked_sum",
+        "masked_moments",
+        "moments_mean_var",
+        "group_centred",
     ):
         assert name in core.__all__ and callable(getattr(core, name))
         assert getattr(core, name).__doc__, f"{name} has no docstring"
