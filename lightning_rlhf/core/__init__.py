@@ -31,6 +31,7 @@ from lightning_rlhf.core.ops import (
     masked_sum,
     masked_var,
 )
+from lightning_rlhf.core.registry import register_advantage_estimator, register_policy_loss
 
 __all__ = [
     "AdaptiveKLController",
@@ -49,6 +50,8 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "orpo_loss",
+    "register_advantage_estimator",
+    "register_policy_loss",
     "ppo_policy_loss",
     "reward_loss",
     "sft_loss",

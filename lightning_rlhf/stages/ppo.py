@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core import gae, masked_mean, masked_var, ppo_policy_loss, value_loss, whiten
+from ..core import gae, masked_mean, masked_var, registry, value_loss, whiten
 from ..models import ModelSpec, as_spec, load_sequence_classifier
 from ..models.loader import DTYPES
 from ..models.value import ValueHead, hidden_size, logprobs_and_values, sequence_values
@@ -68,6 +68,9 @@ class PPOModule(OnlineRLModule):
         micro_batch_size: rows per forward/backward; gradients are accumulated over the mini-batch
             (None: the mini-batch at once).
         clip_eps: PPO ratio clip range.
+        policy_loss: the policy loss by name in ``core.registry`` (``ppo_clip``: ``core.ppo_policy_loss``;
+            or one registered with ``register_policy_loss``, or an import path). ``target_kl`` reads
+            its ``approx_kl`` statistic.
         value_clip_eps: clip range of the value update around the rollout's values (None: unclipped).
         vf_coef: weight of the value loss (matters with ``share_backbone``; with a separate critic it
             only scales the critic's gradients before clipping).
@@ -98,6 +101,7 @@ class PPOModule(OnlineRLModule):
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
         clip_eps: float = 0.2,
+        policy_loss: str = "ppo_clip",
         value_clip_eps: float | None = 0.2,
         vf_coef: float = 0.1,
         entropy_coef: float = 0.0,
@@ -121,6 +125,7 @@ class PPOModule(OnlineRLModule):
                 raise ValueError(f"{name} must be >= 1 or None, got {size}")
         if share_backbone and critic is not None:
             raise ValueError("share_backbone uses the policy's backbone: do not also give a `critic`")
+        registry.policy_loss(policy_loss, "PPOModule")
         self.critic_spec = as_spec(critic) if critic is not None else None
         self.critic_init = critic_init
         self.share_backbone = share_backbone
@@ -129,6 +134,7 @@ class PPOModule(OnlineRLModule):
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
         self.clip_eps = clip_eps
+        self.policy_loss = policy_loss
         self.value_clip_eps = value_clip_eps
         self.vf_coef = vf_coef
         self.entropy_coef = entropy_coef
@@ -250,12 +256,14 @@ class PPOModule(OnlineRLModule):
         mask = mb.response_mask
         tis, engine_stats = self.engine_correction(mb, old_logprobs)  # engine-vs-trainer mismatch
         max_len = self.generation.max_new_tokens  # constant normaliser for seq_mean_token_sum
-        pg_loss, pg = ppo_policy_loss(
+        pg_loss, pg = registry.policy_loss(self.policy_loss, "PPOModule").fn(
             logprobs,
             old_logprobs,
             advantages,
             mask,
             clip_eps=self.clip_eps,
+            clip_eps_high=None,
+            dual_clip=None,
             agg=self.loss_agg,
             max_len=max_len,
             token_weights=tis,
@@ -277,9 +285,7 @@ class PPOModule(OnlineRLModule):
             "train/policy_loss": pg_loss.detach(),
             "train/value_loss": vf_loss.detach(),
             "train/entropy": mean_entropy.detach(),
-            "train/clipfrac": pg["clipfrac"],
-            "train/approx_kl": pg["approx_kl"],
-            "train/ratio_mean": pg["ratio_mean"],
+            **{f"train/{k}": pg[k] for k in ("clipfrac", "approx_kl", "ratio_mean") if k in pg},
             "train/value_clipfrac": vf["clipfrac"],
         }
         return loss, stats
