@@ -1,6 +1,7 @@
 """Rollout: batched sampling with a KV cache (`generate` -> `Rollout`), the colocated vLLM engine
 (`vllm_engine.VLLMEngine`, imported lazily: vLLM is an optional extra) and reward scorers."""
 
+from lightning_rlhf.rollout.experience import Experience
 from lightning_rlhf.rollout.generate import (
     GenerationSpec,
     Rollout,
@@ -22,6 +23,7 @@ from lightning_rlhf.rollout.scoring import (
 
 __all__ = [
     "CompositeScorer",
+    "Experience",
     "GenerationSpec",
     "RewardFunctionScorer",
     "RewardModelScorer",

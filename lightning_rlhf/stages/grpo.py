@@ -7,7 +7,8 @@ One ``training_step`` = one batch of prompts, in the order of the papers' pseudo
     old_logprobs = self.old_logprobs(rollout)            # only when the policy moves before a row is used
     rewards = self.sequence_rewards(scores, kl)          # minus beta * KL with kl_in_reward
     advantages = self.advantages(rewards)                # the registered estimator, flat groups -> 0
-    self.optimise(rollout, old_logprobs, ref_logprobs, advantages)   # iterations x mini-batches
+    exp = Experience(rollout, old_logprobs, ref_logprobs, advantages=advantages, ...)
+    self.optimise(exp)                                   # iterations x mini-batches
     self.log_rollout(...)
 
 Rollout, scoring, reference and logging are :class:`~lightning_rlhf.stages.online.OnlineRLModule`'s;
@@ -26,6 +27,7 @@ from ..core import aggregate_loss, flat_groups, kl_penalty, masked_mean, registr
 from ..models import ModelSpec
 from ..models.distributed import all_reduce
 from ..rollout import Rollout
+from ..rollout.experience import Experience
 from ..rollout.scoring import Scores
 from .common import as_dataclass
 from .online import GenerationSpec, OnlineRLModule
@@ -194,9 +196,10 @@ class GRPOModule(OnlineRLModule):
         )
         rewards = self.sequence_rewards(scores.rewards, kl, mask)
         advantages = self.advantages(rewards)
+        exp = Experience(rollout, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rewards=rewards, kl=kl,
+                         advantages=advantages)  # fmt: skip
         with self.timed("train"):
-            args = (rollout, old_logprobs, ref_logprobs, advantages)
-            stats.update(self.optimise(*args) if has_rows else self.optimise(*args, has_rows=False))
+            stats.update(self.optimise(exp) if has_rows else self.optimise(exp, has_rows=False))
         stats["rollout/advantage_abs_mean"] = float(advantages.abs().mean())
         self.rollout_step += 1
         self.log_rollout(rollout, scores, kl, stats)
@@ -292,24 +295,19 @@ class GRPOModule(OnlineRLModule):
 
     # --------------------------------------------------------------------------- optimisation
 
-    def grpo_loss(
-        self,
-        mb: Rollout,
-        old_logprobs: torch.Tensor | None,
-        ref_logprobs: torch.Tensor | None,
-        advantages: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def grpo_loss(self, mb: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped surrogate + ``beta`` x KL to the reference - ``entropy_coef`` x entropy, on one
-        micro-batch (``(n, R)`` log-probs aligned with ``mb``'s responses, ``(n,)`` advantages).
+        micro-batch (its ``(n, R)`` ``old_logprobs`` / ``ref_logprobs``, ``(n,)`` ``advantages``).
 
-        ``old_logprobs=None``: the ratio's denominator is ``logprobs.detach()`` (ratio 1, gradient
+        ``mb.old_logprobs`` None: the ratio's denominator is ``logprobs.detach()`` (ratio 1, gradient
         ``A * grad log pi``)."""
-        logprobs, entropy = mb.response_logprobs(
+        logprobs, entropy = mb.rollout.response_logprobs(
             self.policy, self.generation.temperature, return_entropy=True
         )
         mask = mb.response_mask
-        old = logprobs.detach() if old_logprobs is None else old_logprobs
-        tis, engine_stats = self.engine_correction(mb, old)  # engine-vs-trainer mismatch (TIS weights)
+        ref_logprobs, advantages = mb.ref_logprobs, mb.advantages
+        old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
+        tis, engine_stats = self.engine_correction(mb.rollout, old)  # engine-vs-trainer mismatch (TIS weights)
         max_len = self.generation.max_new_tokens  # constant normaliser of seq_mean_token_sum
         pg_loss, pg = registry.policy_loss(self.policy_loss, "GRPOModule").fn(
             logprobs,
@@ -341,24 +339,16 @@ class GRPOModule(OnlineRLModule):
         stats["train/loss"] = loss.detach()
         return loss, stats
 
-    def optimise(
-        self,
-        rollout: Rollout,
-        old_logprobs: torch.Tensor | None,
-        ref_logprobs: torch.Tensor | None,
-        advantages: torch.Tensor,
-        has_rows: bool = True,
-    ) -> dict[str, float]:
+    def optimise(self, experience: Experience, has_rows: bool = True) -> dict[str, float]:
         """``num_iterations`` x shuffled mini-batches, one optimiser step each, accumulated over
         micro-batches (``OnlineRLModule.optimise_minibatches``); the LR schedule advances once per
         call. Returns the mean of each ``train/`` statistic over all micro-batches. ``has_rows``:
         False when this rank kept no group but another did (it runs zero-weight micro-batches)."""
         (opt,) = self.optimizer_list()
         stats, _ = self.optimise_minibatches(
-            rollout,
-            lambda mb, idx, old, ref: self.grpo_loss(mb, old, ref, advantages[idx]),
+            experience,
+            self.grpo_loss,
             [(opt, self.optim.max_grad_norm)],
-            aligned=(old_logprobs, ref_logprobs),
             epochs=self.num_iterations,
             mini_batch_size=self.mini_batch_size,
             micro_batch_size=self.micro_batch_size,

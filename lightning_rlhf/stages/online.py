@@ -66,6 +66,7 @@ from ..rollout import (
     eval_mode,
 )
 from ..rollout import generate as sample_rollout
+from ..rollout.experience import Experience
 from ..rollout.scoring import RunningMoments, Scores
 from .common import (
     OptimSpec,
@@ -400,11 +401,10 @@ class OnlineRLModule(StageModule):
 
     def optimise_minibatches(
         self,
-        rollout: Rollout,
-        loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        experience: Experience,
+        loss_fn: Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]],
         optimizers: Sequence[tuple[torch.optim.Optimizer, float | None]],
         *,
-        aligned: Sequence[torch.Tensor | None] = (),
         epochs: int = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
@@ -429,14 +429,12 @@ class OnlineRLModule(StageModule):
         mean ``approx_kl`` over every rank's micro-batches, so all ranks stop after the same epoch.
 
         Args:
-            rollout: the ``N`` rows trained on.
-            loss_fn: ``loss_fn(mb, idx, *aligned_rows) -> (loss, stats)`` on one micro-batch: ``mb``
-                the rows ``idx`` (long tensor) of the rollout, trimmed by ``take``, and
-                ``aligned_rows`` the same rows and columns of each ``aligned`` tensor (None stays
-                None); ``stats`` maps metric names to scalar tensors.
+            experience: the ``N`` rows trained on (the rollout and its aligned tensors).
+            loss_fn: ``loss_fn(mb) -> (loss, stats)`` on one micro-batch: ``mb`` the experience's rows
+                of that micro-batch (``Experience.select``: trimmed to the columns they use);
+                ``stats`` maps metric names to scalar tensors.
             optimizers: ``(optimizer, max_grad_norm)`` pairs, clipped and stepped in this order after
                 each mini-batch (``clip_and_step``; ``max_grad_norm`` None: no clipping).
-            aligned: ``(N, R)`` tensors aligned with the rollout's responses (or None).
             epochs: passes over the rollout.
             mini_batch_size / micro_batch_size: rows per optimiser step / per forward (None: all).
             loss_agg: the losses' reduction; it fixes each micro-batch's share of the mini-batch
@@ -450,11 +448,11 @@ class OnlineRLModule(StageModule):
             ``(stats, epochs_done)``: the mean of each statistic over this rank's micro-batches, and
             the epochs run.
         """
-        mask = rollout.response_mask
+        mask = experience.response_mask
         world = world_size()
         history: dict[str, list[torch.Tensor]] = defaultdict(list)
-        n = len(rollout) if has_rows else 0
-        size = mini_batch_size or len(rollout)
+        n = len(experience) if has_rows else 0
+        size = mini_batch_size or len(experience)
         micro = micro_batch_size or size
         # the agreed plan: most mini-batches per epoch, most micro-batches per mini-batch
         plan = torch.tensor([math.ceil(n / size), math.ceil(min(n, size) / micro)], device=self.device)
@@ -473,8 +471,8 @@ class OnlineRLModule(StageModule):
                 loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)  # any micro-batch's loss NaN/inf
                 for k in range(n_micro):
                     idx = micro_idx[k] if k < len(micro_idx) else dummy
-                    mb, *rows = take(rollout, idx, *aligned)
-                    loss, stats = loss_fn(mb, idx, *rows)
+                    mb = experience.select(idx)
+                    loss, stats = loss_fn(mb)
                     loss_bad = loss_bad | ~torch.isfinite(loss.detach()).all()
                     real = k < len(micro_idx)
                     # weight so that the accumulated gradient is that of the whole mini-batch's loss
@@ -947,26 +945,3 @@ def reject_optimiser_step_options(trainer, stage: str) -> None:
                 "ModelCheckpoint(every_n_epochs=...) or train_time_interval for Lightning checkpoints, "
                 f"or {stage}'s save_every_n_steps to export the policy every N rollout steps"
             )
-
-
-def take(rollout: Rollout, idx: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
-    """Rows ``idx`` of a rollout and of ``(N, R)`` tensors aligned with its responses, trimmed to the
-    columns those rows use (all-pad prompt columns on the left, response columns after the longest
-    response), so that a mini-batch of short responses runs a short forward. A None tensor stays None.
-
-    Returns ``(rollout, *tensors)`` for the selected rows.
-    """
-    mb = rollout.select(idx)
-    r = max(1, int(mb.response_mask.sum(-1).max()))
-    used = mb.prompt_mask.any(0).nonzero()
-    p0 = int(used[0]) if len(used) else 0
-    mb = Rollout(
-        prompt_ids=mb.prompt_ids[:, p0:],
-        prompt_mask=mb.prompt_mask[:, p0:],
-        response_ids=mb.response_ids[:, :r],
-        response_mask=mb.response_mask[:, :r],
-        logprobs=mb.logprobs[:, :r],
-        finished=mb.finished,
-        prompt_index=mb.prompt_index,
-    )
-    return (mb, *(None if t is None else t[idx][:, :r] for t in tensors))

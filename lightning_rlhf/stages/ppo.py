@@ -18,6 +18,7 @@ from ..models import ModelSpec, as_spec, load_sequence_classifier
 from ..models.loader import DTYPES
 from ..models.value import ValueHead, hidden_size, logprobs_and_values, sequence_values
 from ..rollout import Rollout, eval_mode
+from ..rollout.experience import Experience
 from .common import OptimSpec, as_dataclass, build_optimizer, build_scheduler
 from .online import OnlineRLModule
 
@@ -202,12 +203,13 @@ class PPOModule(OnlineRLModule):
             ref_logprobs = self.reference_logprobs(rollout)
         mask = rollout.response_mask
         rewards, kl = self.kl_shaped_rewards(scores.rewards, logprobs, ref_logprobs, mask)
-        advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
+        exp = Experience(rollout, old_logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards, kl=kl)
+        exp.advantages, exp.returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            exp.advantages = whiten(exp.advantages, mask)
         with self.timed("train"):
-            stats = self.optimise(rollout, logprobs, values, advantages, returns)
-        stats.update(self.value_metrics(values, returns, mask))
+            stats = self.optimise(exp)
+        stats.update(self.value_metrics(values, exp.returns, mask))
         self.rollout_step += 1
         self.log_rollout(rollout, scores, kl, stats)
         self.update_kl_controller(kl, mask)
@@ -242,19 +244,13 @@ class PPOModule(OnlineRLModule):
         logprobs, entropy = mb.response_logprobs(self.policy, t, return_entropy=True)
         return logprobs, entropy, self.critic_values(mb)
 
-    def ppo_loss(
-        self,
-        mb: Rollout,
-        old_logprobs: torch.Tensor,
-        old_values: torch.Tensor,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def ppo_loss(self, mb: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + ``vf_coef`` x clipped value loss - ``entropy_coef`` x entropy on one
-        micro-batch (all ``(n, R)`` tensors aligned with ``mb``'s responses)."""
-        logprobs, entropy, values = self.actor_critic_forward(mb)
+        micro-batch (its ``old_logprobs``, ``values``, ``advantages``, ``returns``: ``(n, R)``)."""
+        logprobs, entropy, values = self.actor_critic_forward(mb.rollout)
         mask = mb.response_mask
-        tis, engine_stats = self.engine_correction(mb, old_logprobs)  # engine-vs-trainer mismatch
+        old_logprobs, old_values, advantages, returns = mb.old_logprobs, mb.values, mb.advantages, mb.returns
+        tis, engine_stats = self.engine_correction(mb.rollout, old_logprobs)  # engine-vs-trainer mismatch
         max_len = self.generation.max_new_tokens  # constant normaliser for seq_mean_token_sum
         pg_loss, pg = registry.policy_loss(self.policy_loss, "PPOModule").fn(
             logprobs,
@@ -290,14 +286,7 @@ class PPOModule(OnlineRLModule):
         }
         return loss, stats
 
-    def optimise(
-        self,
-        rollout: Rollout,
-        old_logprobs: torch.Tensor,
-        old_values: torch.Tensor,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-    ) -> dict[str, float]:
+    def optimise(self, experience: Experience) -> dict[str, float]:
         """``ppo_epochs`` x shuffled mini-batches; one actor and one critic step per mini-batch
         (``OnlineRLModule.optimise_minibatches``).
 
@@ -305,10 +294,9 @@ class PPOModule(OnlineRLModule):
         """
         actor_opt, critic_opt = self.optimizer_list()
         out, epochs_done = self.optimise_minibatches(
-            rollout,
-            lambda mb, _idx, *tensors: self.ppo_loss(mb, *tensors),
+            experience,
+            self.ppo_loss,
             [(actor_opt, self.optim.max_grad_norm), (critic_opt, self.critic_optim.max_grad_norm)],
-            aligned=(old_logprobs, old_values, advantages, returns),
             epochs=self.ppo_epochs,
             mini_batch_size=self.mini_batch_size,
             micro_batch_size=self.micro_batch_size,

@@ -58,9 +58,9 @@ def test_grpo_trains_with_a_registered_estimator_and_loss_named_in_yaml(tiny_mod
     seen = {}
     optimise = module.optimise
 
-    def capture(*args, **kwargs):
-        seen.setdefault("advantages", []).append(args[3].clone())
-        return optimise(*args, **kwargs)
+    def capture(experience, **kw):
+        seen.setdefault("advantages", []).append(experience.advantages.clone())
+        return optimise(experience, **kw)
 
     module.optimise = capture
     cli.trainer.fit(module, datamodule=cli.datamodule)
