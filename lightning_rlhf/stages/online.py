@@ -58,10 +58,9 @@ from ..core import (
     masked_mean,
     token_rewards,
 )
-from ..models import ModelSpec, as_spec, disable_dropout, freeze, load_causal_lm, load_sequence_classifier
+from ..models import ModelSpec, as_spec, disable_dropout, load_causal_lm, load_sequence_classifier
 from ..models.distributed import (
     all_reduce,
-    is_sharded,
     world_size,
 )
 from ..rollout import (
@@ -237,7 +236,6 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, OnlineCheckpointState
         self.reward_moments = RunningMoments()
         self.rollout_step = 0  # completed rollout steps (prompt batches), checkpointed
         self.policy: nn.Module | None = None
-        self._frozen: dict[str, nn.Module] = {}  # reference / reward: plain dict, so not registered
         self.scorer = None
         self.diagnostic_scorer = None
         self._engine = None  # the vllm engine (generation.engine == "vllm"), built on first use
@@ -287,9 +285,9 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, OnlineCheckpointState
             self.policy = self.shard(self.no_dropout(load_causal_lm(self.policy_spec)).train())
         if self.uses_reference and not self.reference_is_adapter_off and "reference" not in self._frozen:
             spec = self.reference_spec or replace(self.policy_spec, lora=None, gradient_checkpointing=False)
-            self._frozen["reference"] = self.shard(self.no_dropout(load_causal_lm(spec, trainable=False)))
+            self.hold_frozen("reference", self.shard(self.no_dropout(load_causal_lm(spec, trainable=False))))
         if self.reward_spec is not None and "reward" not in self._frozen:
-            self._frozen["reward"] = self.shard(load_sequence_classifier(self.reward_spec, trainable=False))
+            self.hold_frozen("reward", self.shard(load_sequence_classifier(self.reward_spec, trainable=False)))
         if self.scorer is None:
             n_sources = (self.reward_model is not None) + len(self.reward_functions)
             weights = list(self.reward_weights or [1.0] * n_sources)
@@ -303,8 +301,6 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, OnlineCheckpointState
             self.scorer = CompositeScorer(scorers, scorer_weights)
         if self.diagnostic_functions and self.diagnostic_scorer is None:
             self.diagnostic_scorer = RewardFunctionScorer(self.diagnostic_functions)
-        for model in self._frozen.values():
-            freeze(model)
 
     def exported_model(self) -> nn.Module:
         return self.policy
@@ -316,21 +312,6 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, OnlineCheckpointState
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The policy's trainable parameters (what the actor optimiser holds)."""
         return (p for p in self.policy.parameters() if p.requires_grad)
-
-    @contextlib.contextmanager
-    def frozen_on_device(self, name: str) -> Iterator[nn.Module | None]:
-        """The frozen model ``name`` (``"reference"``/``"reward"``) on ``self.device`` (and in a
-        ``*-true`` precision's dtype) for the block; back on the CPU after it when ``offload_frozen``.
-        An FSDP2-sharded one stays where its shards are."""
-        model = self._frozen.get(name)
-        move = model is not None and not is_sharded(model)
-        if model is not None:
-            self.place_frozen(model)
-        try:
-            yield model
-        finally:
-            if move and self.offload_frozen:
-                model.to("cpu")
 
     # --------------------------------------------------------------------------------- rollout
 
