@@ -44,13 +44,13 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning import Callback
 from torch import nn
 
+from ..callbacks import PeriodicExport, SampleTable
 from ..core import (
     AdaptiveKLController,
     FixedKLController,
@@ -141,10 +141,11 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, OnlineCheckpointState
         disable_dropout: set every dropout of the policy, critic and reference to 0 (as TRL does), so
             that the first ratio of each rollout is exactly 1 and the KL is not dropout noise.
         log_samples_every_n_steps: every N rollout steps, log a table of (prompt, response, reward)
-            to W&B when the logger is a ``WandbLogger`` (0: never). The last samples are also kept in
+            to W&B when the logger is a ``WandbLogger`` (0: never): the ``lightning_rlhf.callbacks.SampleTable``
+            callback, added by ``configure_callbacks``. The last samples are also kept in
             ``self.last_samples``.
         save_every_n_steps: also export the policy every N rollout steps to
-            ``<output_dir>/step-<N>`` (None: only at the end).
+            ``<output_dir>/step-<N>`` (None: only at the end): the ``PeriodicExport`` callback.
         output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA policy merged into its base (else the adapter folder).
     """
@@ -474,8 +475,8 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, OnlineCheckpointState
     def log_rollout(
         self, rollout: Rollout, scores: Scores, kl: torch.Tensor | None, extra: dict[str, float] | None = None
     ) -> dict[str, float]:
-        """Log the rollout's metrics, the phase timings, learning rates and ``extra``; every
-        ``log_samples_every_n_steps`` a table of samples. Returns what was logged."""
+        """Log the rollout's metrics, the phase timings, learning rates and ``extra``; keep the samples
+        in ``last_samples`` (for the ``SampleTable`` callback). Returns what was logged."""
         metrics = self.rollout_metrics(rollout, scores, kl)
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         for name, opt in zip(self.optimizer_names(), self.optimizer_list(), strict=False):
@@ -485,38 +486,27 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, OnlineCheckpointState
         self.log_dict(metrics, batch_size=len(rollout))
         self.log("rollout/reward", metrics["rollout/reward_mean"], prog_bar=True, batch_size=len(rollout))
         self.timings = {}
-        self.last_samples = [
+        self.last_samples = [  # the SampleTable callback's rows
             {"prompt": str(p), "response": c, "reward": float(r)}
             for p, c, r in zip(scores.prompts, scores.completions, scores.raw.tolist(), strict=True)
         ]
-        n = self.log_samples_every_n_steps
-        if n and self.rollout_step % n == 0:
-            self.log_samples()
         return metrics
 
     def optimizer_names(self) -> list[str]:
         """Names of the optimisers in ``optimizers()`` order, for the ``train/lr_<name>`` metrics."""
         return ["actor"]
 
-    def log_samples(self, max_rows: int = 16) -> None:
-        """A table of (step, prompt, response, reward) to W&B, when the logger is a ``WandbLogger``."""
-        from lightning.pytorch.loggers import WandbLogger
-
-        rows = [
-            [self.rollout_step, s["prompt"], s["response"], s["reward"]] for s in self.last_samples[:max_rows]
-        ]
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_text(
-                    key="rollout/samples", columns=["step", "prompt", "response", "reward"], data=rows
-                )
+    def configure_callbacks(self) -> list[Callback]:
+        """The callbacks of the module's options: ``SampleTable`` (``log_samples_every_n_steps``) and
+        ``PeriodicExport`` (``save_every_n_steps``, with ``output_dir``); see ``lightning_rlhf.callbacks``."""
+        callbacks: list[Callback] = []
+        if self.log_samples_every_n_steps:
+            callbacks.append(SampleTable(self.log_samples_every_n_steps))
+        if self.save_every_n_steps and self.output_dir:
+            callbacks.append(PeriodicExport(self.save_every_n_steps))
+        return callbacks
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        n = self.save_every_n_steps
-        if n and self.output_dir and self.rollout_step % n == 0:
-            # every rank calls it (FSDP2 gathers the full weights); rank 0 writes
-            path = self.save_pretrained(Path(self.output_dir) / f"step-{self.rollout_step}")
-            if path is not None:
-                rank_zero_info(
-                    f"[{type(self).__name__}] saved the policy at rollout step {self.rollout_step} to {path}"
-                )
+        if self._fabric is not None:  # Fabric runs no Trainer callbacks: run this module's here
+            for callback in self.configure_callbacks():
+                callback.on_train_batch_end(None, self, outputs, batch, batch_idx)
