@@ -264,9 +264,7 @@ class GRPOModule(OnlineRLModule):
         one_step = self.mini_batch_size is None or self.mini_batch_size >= rows
         if self.num_iterations == 1 and one_step:
             return None
-        if self.recompute_logprobs or self.generation.engine != "hf":  # never the vllm engine's
-            return self.policy_logprobs(rollout)
-        return rollout.logprobs.masked_fill(rollout.response_mask == 0, 0.0)
+        return self.rollout_logprobs(rollout)
 
     # ----------------------------------------------------------------------------- advantages
 

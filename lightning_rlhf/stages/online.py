@@ -64,14 +64,12 @@ from ..models.distributed import (
     world_size,
 )
 from ..rollout import (
-    CompositeScorer,
     GenerationSpec,
     RewardFunctionScorer,
-    RewardModelScorer,
     Rollout,
     eval_mode,
 )
-from ..rollout.scoring import RunningMoments, Scores
+from ..rollout.scoring import RunningMoments, Scores, build_scorer
 from .common import OptimSpec, StageModule, as_dataclass
 from .minibatch import MinibatchOptimisation, reject_optimiser_step_options
 from .online_state import OnlineCheckpointState
@@ -290,16 +288,9 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, OnlineCheckpointState
         if self.reward_spec is not None and "reward" not in self._frozen:
             self.hold_frozen("reward", self.shard(load_sequence_classifier(self.reward_spec, trainable=False)))
         if self.scorer is None:
-            n_sources = (self.reward_model is not None) + len(self.reward_functions)
-            weights = list(self.reward_weights or [1.0] * n_sources)
-            scorers, scorer_weights = [], []
-            if self.reward_model is not None:
-                scorers.append(RewardModelScorer(self.reward_model, batch_size=self.forward_batch_size))
-                scorer_weights.append(weights.pop(0))
-            if self.reward_functions:  # the remaining weights are the functions'
-                scorers.append(RewardFunctionScorer(self.reward_functions, weights))
-                scorer_weights.append(1.0)
-            self.scorer = CompositeScorer(scorers, scorer_weights)
+            self.scorer = build_scorer(
+                self.reward_model, self.reward_functions, self.reward_weights, self.forward_batch_size
+            )
         if self.diagnostic_functions and self.diagnostic_scorer is None:
             self.diagnostic_scorer = RewardFunctionScorer(self.diagnostic_functions)
 
@@ -394,6 +385,17 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, OnlineCheckpointState
         t = self.generation.temperature
         with eval_mode(self.policy):
             return self._chunked(lambda r: r.response_logprobs(self.policy, t)[0], rollout)
+
+    recompute_logprobs: bool = True
+    """Recompute the rollout policy's log-probs with a no-grad forward (set by PPO and GRPO)."""
+
+    def rollout_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """``(N, R)`` log-probs of the rollout policy, the ratio's denominator, 0 off the mask: recomputed
+        (``policy_logprobs``) with ``recompute_logprobs`` or the vLLM engine (whose log-probs only enter
+        through TIS), else those recorded while sampling. The one place this is decided."""
+        if self.recompute_logprobs or self.generation.engine != "hf":
+            return self.policy_logprobs(rollout)
+        return rollout.logprobs.masked_fill(rollout.response_mask == 0, 0.0)
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:

@@ -221,12 +221,12 @@ class PPOModule(OnlineRLModule):
         if self.share_backbone:  # one forward of the policy gives both (its log-probs are recomputed)
             with eval_mode(self.policy):
                 logprobs, _, values = self._chunked(self.actor_critic_forward, rollout)
+            if not self.recompute_logprobs:
+                logprobs = self.rollout_logprobs(rollout)  # as sampled
         else:
-            logprobs = self.policy_logprobs(rollout) if self.recompute_logprobs else rollout.logprobs
+            logprobs = self.rollout_logprobs(rollout)
             with eval_mode(self.critic):
                 values = self._chunked(self.critic_values, rollout)
-        if not self.recompute_logprobs:
-            logprobs = rollout.logprobs
         return logprobs.masked_fill(mask == 0, 0.0), values.masked_fill(mask == 0, 0.0)
 
     def critic_values(self, mb: Rollout) -> torch.Tensor:
