@@ -63,14 +63,16 @@ class Registry:
         self._entries: dict[str, Registered] = {}
 
     def register(self, name: str, *, min_group_size: int = 1, override: bool = False) -> Callable:
-        """Decorator: register the function under ``name`` (a second registration of the same name
-        raises unless ``override``)."""
+        """Decorator: register the function under ``name``. Registering another function under a taken
+        name raises unless ``override`` (the same function defined again replaces itself)."""
 
         def wrap(fn: Callable) -> Callable:
             if not callable(fn):
                 raise TypeError(f"{self.decorator}({name!r}): {fn!r} is not callable")
             old = self._entries.get(name)
-            if old is not None and old.fn is not fn and not override:
+            # the same function defined again (a re-run notebook cell, a reloaded module) replaces itself
+            redefined = old is not None and _qualname(old.fn) == _qualname(fn)
+            if old is not None and old.fn is not fn and not redefined and not override:
                 raise ValueError(
                     f"{self.kind} {name!r} is already registered ({_qualname(old.fn)}); pick another name "
                     f"or pass override=True"

@@ -44,6 +44,13 @@ def test_register_by_decorator_and_by_import_path():
     assert registry.advantage_estimator("test_registry_mean_baseline").fn is mean_baseline
     with pytest.raises(ValueError, match="already registered"):
         register_advantage_estimator("test_registry_mean_baseline")(lambda r, g, **_: r)
+    assert registry.advantage_estimator("test_registry_mean_baseline").fn is mean_baseline
+
+    @register_advantage_estimator("test_registry_mean_baseline")  # defined again (a re-run cell)
+    def mean_baseline(rewards, group_size, *, scale_by_std=True):
+        return rewards
+
+    assert registry.advantage_estimator("test_registry_mean_baseline").fn is mean_baseline  # the new one
     # an import path is imported and registered under it
     entry = registry.policy_loss("lightning_rlhf.core.losses.ppo_policy_loss")
     assert entry.fn is ppo_policy_loss
