@@ -61,3 +61,19 @@ def test_export_callback_given_to_the_trainer(tiny_model_dir, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exports" / "step-2")
     for a, b in zip(exported.parameters(), m.policy.parameters(), strict=True):
         assert torch.equal(a, b.detach())
+
+
+def test_under_the_fabric_runner_the_module_runs_its_callbacks(tiny_model_dir, tmp_path):
+    """Fabric runs no Trainer callbacks: the module's on_train_batch_end runs those of its options."""
+    from lightning_rlhf.fabric import FabricRunner, build_fabric
+
+    L.seed_everything(0)
+    m = grpo(tiny_model_dir, save_every_n_steps=1, output_dir=str(tmp_path / "out"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "review number {i}"}}\n' for i in range(4)))
+    fabric = build_fabric(accelerator="cpu", devices=1, precision="32-true")
+    FabricRunner(fabric, max_steps=2).fit(m, RLHFDataModule(str(prompts), batch_size=2, shuffle=False))
+    assert sorted(p.name for p in (tmp_path / "out").glob("step-*")) == ["step-1", "step-2"]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "step-2")
+    for a, b in zip(exported.parameters(), m.policy.parameters(), strict=True):
+        assert torch.equal(a, b.detach())
