@@ -93,21 +93,25 @@ def online(name: str, path: str, nonfinite: str, output_dir=None, **kw):
     return GRPOModule(policy=path, num_generations=2, num_iterations=1, **kw)
 
 
+POISONED_LOSS = "test_errors_numerics_nan_ppo_clip"
+
+
 class Poison(L.Callback):
     """At rollout step ``POISON_STEP``: the reward model scores inf (``"reward_model"``), or the policy loss
-    (``core.ppo_policy_loss`` as the stage calls it) is NaN (``"loss"``). Also records the weights and the
-    Adam step counts before every rollout step and at the end."""
+    is NaN (``"loss"``: ``core.ppo_policy_loss`` registered as ``POISONED_LOSS``, which the stage is
+    given as its ``policy_loss``). Also records the weights and the Adam step counts before every
+    rollout step and at the end."""
 
-    def __init__(self, what: str, monkeypatch, stage_module):
+    def __init__(self, what: str):
         self.what, self.hook, self.snapshots, self.adam_steps = what, None, [], []
         if what == "loss":
-            original = stage_module.ppo_policy_loss
+            from lightning_rlhf.core import ppo_policy_loss, register_policy_loss
 
             def poisoned(*args, **kwargs):
-                loss, stats = original(*args, **kwargs)
+                loss, stats = ppo_policy_loss(*args, **kwargs)
                 return (loss * math.nan if self.module.rollout_step == POISON_STEP else loss), stats
 
-            monkeypatch.setattr(stage_module, "ppo_policy_loss", poisoned)
+            register_policy_loss(POISONED_LOSS, override=True)(poisoned)
 
     def _record(self, module):
         self.snapshots.append({k: v.detach().clone() for k, v in module.state_dict().items()})
@@ -132,10 +136,9 @@ class Poison(L.Callback):
 
 
 def fit_online(name, what, tiny_model_dir, prompt_file, tmp_path, monkeypatch, nonfinite, output_dir=None):
-    from lightning_rlhf.stages import grpo, ppo
-
-    module = online(name, str(tiny_model_dir), nonfinite, output_dir=output_dir)
-    poison = Poison(what, monkeypatch, {"ppo": ppo, "grpo": grpo}[name])
+    poison = Poison(what)
+    policy_loss = POISONED_LOSS if what == "loss" else "ppo_clip"
+    module = online(name, str(tiny_model_dir), nonfinite, output_dir=output_dir, policy_loss=policy_loss)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=2, logger=False,  # 4 rollout steps
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=[poison])
@@ -216,23 +219,23 @@ AGREED_SCRIPT = """
 import json, math, sys, torch, lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_rlhf.data import RLHFDataModule
-from lightning_rlhf.stages import GRPOModule, PPOModule, grpo, ppo
+from lightning_rlhf.core import ppo_policy_loss, register_policy_loss
+from lightning_rlhf.stages import GRPOModule, PPOModule
 
 kind, strategy, what, base, prompts = sys.argv[1:6]
 L.seed_everything(0)
-common = dict(policy=base, reward_model=base, generation={"max_new_tokens": 4}, normalize_rewards=True,
-              optim={"learning_rate": 1e-2, "scheduler": "constant"}, log_samples_every_n_steps=0)
-m = PPOModule(ppo_epochs=1, **common) if kind == "ppo" else GRPOModule(num_generations=2, **common)
-stage = ppo if kind == "ppo" else grpo
-original = stage.ppo_policy_loss
 
 
+@register_policy_loss("nan_on_rank_1")
 def poisoned(*args, **kwargs):  # rank 1 only, rollout step 1: its loss is NaN
-    loss, stats = original(*args, **kwargs)
+    loss, stats = ppo_policy_loss(*args, **kwargs)
     return (loss * math.nan if what == "loss" and m.global_rank == 1 and m.rollout_step == 1 else loss), stats
 
 
-stage.ppo_policy_loss = poisoned
+common = dict(policy=base, reward_model=base, generation={"max_new_tokens": 4}, normalize_rewards=True,
+              optim={"learning_rate": 1e-2, "scheduler": "constant"}, log_samples_every_n_steps=0,
+              policy_loss="nan_on_rank_1")
+m = PPOModule(ppo_epochs=1, **common) if kind == "ppo" else GRPOModule(num_generations=2, **common)
 sums = []
 
 

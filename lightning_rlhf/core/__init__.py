@@ -34,6 +34,7 @@ from lightning_rlhf.core.ops import (
     masked_var,
     moments_mean_var,
 )
+from lightning_rlhf.core.registry import register_advantage_estimator, register_policy_loss
 
 __all__ = [
     "AdaptiveKLController",
@@ -55,6 +56,8 @@ __all__ = [
     "masked_var",
     "moments_mean_var",
     "orpo_loss",
+    "register_advantage_estimator",
+    "register_policy_loss",
     "ppo_policy_loss",
     "reward_loss",
     "sft_loss",

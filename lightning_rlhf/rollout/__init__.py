@@ -2,6 +2,7 @@
 (`vllm_engine.VLLMEngine`, imported lazily: vLLM is an optional extra) and reward scorers."""
 
 from lightning_rlhf.rollout import static_decode
+from lightning_rlhf.rollout.experience import Experience
 from lightning_rlhf.rollout.generate import (
     GenerationSpec,
     Rollout,
@@ -23,6 +24,7 @@ from lightning_rlhf.rollout.scoring import (
 
 __all__ = [
     "CompositeScorer",
+    "Experience",
     "GenerationSpec",
     "RewardFunctionScorer",
     "RewardModelScorer",

@@ -303,6 +303,29 @@ class CompositeScorer:
 # ------------------------------------------------------------------ what a stage keeps of scores
 
 
+def build_scorer(
+    reward_model: torch.nn.Module | None,
+    reward_functions: Sequence[Callable | str] = (),
+    weights: Sequence[float] | None = None,
+    batch_size: int | None = None,
+) -> CompositeScorer:
+    """The scorer of the online stages: the reward model (if any) and the reward functions, weighted.
+
+    ``weights``: one per source, the reward model first (if any), then each function; None: all 1.
+    ``batch_size``: rows per reward-model forward (None: all at once).
+    """
+    n_sources = (reward_model is not None) + len(reward_functions)
+    weights = list(weights or [1.0] * n_sources)
+    scorers, scorer_weights = [], []
+    if reward_model is not None:
+        scorers.append(RewardModelScorer(reward_model, batch_size=batch_size))
+        scorer_weights.append(weights.pop(0))
+    if reward_functions:  # the remaining weights are the functions'
+        scorers.append(RewardFunctionScorer(list(reward_functions), weights))
+        scorer_weights.append(1.0)
+    return CompositeScorer(scorers, scorer_weights)
+
+
 class RunningMoments:
     """Running mean and standard deviation of a stream of scalars (Chan et al.'s parallel update).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import math
@@ -10,6 +11,7 @@ import shutil
 import tempfile
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
@@ -200,6 +202,10 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
         self.output_dir = output_dir
         self.merge_lora = merge_lora
         self._t_last: float | None = None
+        # Frozen models (a reference, a reward model) by name, in a plain dict so that they are not
+        # registered as submodules: out of state_dict, the optimiser, DDP and Lightning's dtype/device
+        # moves and its "modules in eval mode" check; rebuilt from their folders in configure_model.
+        self._frozen: dict[str, nn.Module] = {}
 
     def exported_model(self) -> nn.Module:
         raise NotImplementedError
@@ -220,6 +226,33 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
         else:
             return None
         return TRUE_PRECISION_DTYPES.get(str(precision))
+
+    offload_frozen: bool = False
+    """Keep the frozen models on the CPU between uses (``frozen_on_device`` moves each one in and out)."""
+
+    def hold_frozen(self, name: str, model: nn.Module) -> nn.Module:
+        """Keep ``model`` as the frozen model ``name`` (eval mode, no gradients, not a submodule)."""
+        from ..models import freeze
+
+        self._frozen[name] = freeze(model)
+        return model
+
+    @contextlib.contextmanager
+    def frozen_on_device(self, name: str) -> Iterator[nn.Module | None]:
+        """The frozen model ``name`` (None if there is none) on ``self.device`` and in a ``*-true``
+        precision's dtype for the block (``place_frozen``); back on the CPU after it when
+        ``offload_frozen``. An FSDP2-sharded one stays where its shards are."""
+        from ..models.distributed import is_sharded
+
+        model = self._frozen.get(name)
+        move = model is not None and not is_sharded(model)
+        if model is not None:
+            self.place_frozen(model)
+        try:
+            yield model
+        finally:
+            if move and self.offload_frozen:
+                model.to("cpu")
 
     def place_frozen(self, model: nn.Module) -> nn.Module:
         """A frozen model that is deliberately not a submodule (a reference, a reward model) onto

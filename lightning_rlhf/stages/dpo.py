@@ -110,10 +110,6 @@ class DPOModule(OfflineStageModule):
         self.precompute_ref_logps = precompute_ref_logps
         self.disable_dropout = disable_dropout
         self.policy: torch.nn.Module | None = None
-        # The frozen reference is kept in a plain dict, not registered as a submodule (as the online
-        # stages do): it stays out of state_dict, the optimiser and Lightning's "modules in eval mode
-        # at the start of training" check; ``place_frozen`` moves (and under *-true precision converts) it.
-        self._frozen: dict[str, torch.nn.Module] = {}
         # split -> (N, 2) fp32 summed reference log-probs of (chosen, rejected) by record index; NaN = missing
         self.ref_cache: dict[str, torch.Tensor] = {}
         self.save_hyperparameters()
@@ -140,9 +136,9 @@ class DPOModule(OfflineStageModule):
             and not is_peft(self.policy)
             and not self.ref_cache
         ):
-            self._frozen["reference"] = self.shard(
-                no_dropout(load_causal_lm(self._reference_spec(), trainable=False))
-            )
+            self.hold_frozen(
+                "reference", self.shard(no_dropout(load_causal_lm(self._reference_spec(), trainable=False)))
+            )  # the frozen reference: not a submodule (StageModule.hold_frozen)
 
     def _reference_spec(self) -> ModelSpec:
         if self.reference_spec is not None:
@@ -186,8 +182,7 @@ class DPOModule(OfflineStageModule):
                 "DPOModule: no reference model (it was freed after precomputing) and no cached log-probs "
                 "for this batch"
             )
-        reference = self.place_frozen(self.reference)
-        with eval_mode(reference):
+        with self.frozen_on_device("reference") as reference, eval_mode(reference):
             return self.completion_logps(reference, batch)[0]
 
     def _cached_reference_logps(self, batch: dict, split: str) -> torch.Tensor | None:

@@ -6,8 +6,9 @@ One ``training_step`` = one batch of prompts, in the order of the papers' pseudo
     ref_logprobs = self.reference_logprobs(rollout)      # only with beta > 0
     old_logprobs = self.old_logprobs(rollout)            # only when the policy moves before a row is used
     rewards = self.sequence_rewards(scores, kl)          # minus beta * KL with kl_in_reward
-    advantages = self.advantages(rewards)                # core.group_advantages, flat groups -> 0
-    self.optimise(rollout, old_logprobs, ref_logprobs, advantages)   # iterations x mini-batches
+    advantages = self.advantages(rewards)                # the registered estimator, flat groups -> 0
+    exp = Experience(rollout, old_logprobs, ref_logprobs, advantages=advantages, ...)
+    self.optimise(exp)                                   # iterations x mini-batches
     self.log_rollout(...)
 
 Rollout, scoring, reference and logging are :class:`~lightning_rlhf.stages.online.OnlineRLModule`'s;
@@ -22,19 +23,11 @@ from typing import Literal
 
 import torch
 
-from ..core import (
-    aggregate_loss,
-    flat_groups,
-    group_advantages,
-    group_centred,
-    kl_penalty,
-    masked_mean,
-    masked_moments,
-    ppo_policy_loss,
-)
+from ..core import aggregate_loss, flat_groups, group_centred, kl_penalty, masked_mean, masked_moments, registry
 from ..models import ModelSpec
 from ..models.distributed import all_reduce
 from ..rollout import Rollout
+from ..rollout.experience import Experience
 from ..rollout.scoring import Scores
 from .common import as_dataclass
 from .online import GenerationSpec, OnlineRLModule
@@ -76,8 +69,10 @@ class GRPOModule(OnlineRLModule):
     Args:
         policy: the policy (see ``OnlineRLModule``).
         num_generations: samples per prompt (the group size G); sets ``generation.num_samples``.
-        advantage_estimator: ``grpo`` (``(r - mean) / std``), ``rloo`` (leave-one-out baseline) or
-            ``reinforce_pp`` (group baseline, then batch whitening).
+        advantage_estimator: a name in ``core.registry``: ``grpo`` (``(r - mean) / std``), ``rloo``
+            (leave-one-out baseline), ``reinforce_pp`` (group baseline, then batch whitening), one
+            registered with ``register_advantage_estimator``, or an import path
+            ``pkg.module.function``. Flat groups get advantage 0 whatever the estimator.
         scale_by_std: divide GRPO advantages by the group std; False is Dr. GRPO.
         num_iterations: optimisation passes over each rollout (GRPO's mu).
         mini_batch_size: rollout rows per optimiser step (None: the whole rollout, one step per
@@ -87,6 +82,8 @@ class GRPOModule(OnlineRLModule):
         clip_eps: lower (and, by default, upper) ratio clip range.
         clip_eps_high: upper clip range (DAPO's clip-higher, e.g. 0.28); None: ``clip_eps``.
         dual_clip: dual-clip bound ``c > 1`` for negative advantages (None: off).
+        policy_loss: the policy loss by name in ``core.registry`` (``ppo_clip``: ``core.ppo_policy_loss``;
+            or one registered with ``register_policy_loss``, or an import path).
         loss_agg: ``seq_mean_token_mean`` (GRPO), ``token_mean`` (DAPO) or ``seq_mean_token_sum``
             (Dr. GRPO, normalised by ``generation.max_new_tokens``).
         beta: KL coefficient to the reference (the initial one with ``kl_target``). 0: no KL and no
@@ -112,7 +109,7 @@ class GRPOModule(OnlineRLModule):
         self,
         policy: ModelSpec | str,
         num_generations: int = 8,
-        advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo",
+        advantage_estimator: str = "grpo",
         scale_by_std: bool = True,
         num_iterations: int = 1,
         mini_batch_size: int | None = None,
@@ -120,6 +117,7 @@ class GRPOModule(OnlineRLModule):
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
         dual_clip: float | None = None,
+        policy_loss: str = "ppo_clip",
         loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean",
         beta: float = 0.04,
         kl_in_reward: bool = False,
@@ -138,9 +136,12 @@ class GRPOModule(OnlineRLModule):
                 f"GRPOModule: num_generations ({num_generations}) and num_iterations ({num_iterations}) must be "
                 f">= 1, max_resample_rounds ({max_resample_rounds}) >= 0"
             )
-        if advantage_estimator in ("rloo", "reinforce_pp") and num_generations < 2:
+        estimator = registry.advantage_estimator(advantage_estimator, "GRPOModule")
+        registry.policy_loss(policy_loss, "GRPOModule")
+        if num_generations < estimator.min_group_size:
             raise ValueError(
-                f"GRPOModule: advantage_estimator={advantage_estimator!r} needs num_generations >= 2"
+                f"GRPOModule: advantage_estimator={advantage_estimator!r} needs num_generations >= "
+                f"{estimator.min_group_size}"
             )
         generation = as_dataclass(GenerationSpec, generation)
         if generation.num_samples not in (1, num_generations):
@@ -163,6 +164,7 @@ class GRPOModule(OnlineRLModule):
         self.clip_eps = clip_eps
         self.clip_eps_high = clip_eps_high
         self.dual_clip = dual_clip
+        self.policy_loss = policy_loss
         self.loss_agg = loss_agg
         self.beta = beta
         self.kl_in_reward = kl_in_reward
@@ -194,9 +196,10 @@ class GRPOModule(OnlineRLModule):
         )
         rewards = self.sequence_rewards(scores.rewards, kl, mask)
         advantages = self.advantages(rewards, has_rows)
+        exp = Experience(rollout, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rewards=rewards, kl=kl,
+                         advantages=advantages)  # fmt: skip
         with self.timed("train"):
-            args = (rollout, old_logprobs, ref_logprobs, advantages)
-            stats.update(self.optimise(*args) if has_rows else self.optimise(*args, has_rows=False))
+            stats.update(self.optimise(exp) if has_rows else self.optimise(exp, has_rows=False))
         stats["rollout/advantage_abs_mean"] = float(advantages.abs().mean())
         self.rollout_step += 1
         self.log_rollout(rollout, scores, kl, stats)
@@ -261,9 +264,7 @@ class GRPOModule(OnlineRLModule):
         one_step = self.mini_batch_size is None or self.mini_batch_size >= rows
         if self.num_iterations == 1 and one_step:
             return None
-        if self.recompute_logprobs or self.generation.engine != "hf":  # never the vllm engine's
-            return self.policy_logprobs(rollout)
-        return rollout.logprobs.masked_fill(rollout.response_mask == 0, 0.0)
+        return self.rollout_logprobs(rollout)
 
     # ----------------------------------------------------------------------------- advantages
 
@@ -277,39 +278,42 @@ class GRPOModule(OnlineRLModule):
         return scores - self.kl_ctl.value * (kl * mask).sum(-1)
 
     def advantages(self, rewards: torch.Tensor, has_rows: bool = True) -> torch.Tensor:
-        """``(N,)`` group advantages; exactly 0 for groups whose rewards are all equal
-        (``core.group_advantages`` guarantees it). ``reinforce_pp`` whitens with the statistics of
-        every rank's rows (``has_rows=False``: this rank's rows are not trained on and do not count)."""
-        moments = None
+        """``(N,)`` group advantages of the registered ``advantage_estimator``; exactly 0 for groups
+        whose rewards are all equal (whatever the estimator). The built-in ``reinforce_pp`` whitens with
+        the statistics of every rank's rows (``has_rows=False``: this rank's rows are not trained on and
+        do not count), so that 2 ranks x B rows train as 1 x 2B."""
+        estimate = registry.advantage_estimator(self.advantage_estimator, "GRPOModule").fn
+        kw = {}
         if self.advantage_estimator == "reinforce_pp":  # a collective: every rank calls advantages()
             local = masked_moments(group_centred(rewards, self.num_generations), torch.ones_like(rewards))
-            moments = all_reduce(local if has_rows else torch.zeros_like(local))
-        return group_advantages(
-            rewards, self.num_generations, self.advantage_estimator, self.scale_by_std, moments=moments
-        )
+            kw["moments"] = all_reduce(local if has_rows else torch.zeros_like(local))
+        adv = estimate(rewards, self.num_generations, scale_by_std=self.scale_by_std, **kw)
+        if not isinstance(adv, torch.Tensor) or adv.shape != rewards.shape:
+            raise ValueError(
+                f"GRPOModule: advantage_estimator {self.advantage_estimator!r} returned "
+                f"{tuple(adv.shape) if isinstance(adv, torch.Tensor) else type(adv).__name__}, expected a "
+                f"tensor of shape {tuple(rewards.shape)}"
+            )
+        flat = flat_groups(rewards, self.num_generations).repeat_interleave(self.num_generations)  # (N,)
+        return adv.detach().float().masked_fill(flat, 0.0)
 
     # --------------------------------------------------------------------------- optimisation
 
-    def grpo_loss(
-        self,
-        mb: Rollout,
-        old_logprobs: torch.Tensor | None,
-        ref_logprobs: torch.Tensor | None,
-        advantages: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def grpo_loss(self, mb: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped surrogate + ``beta`` x KL to the reference - ``entropy_coef`` x entropy, on one
-        micro-batch (``(n, R)`` log-probs aligned with ``mb``'s responses, ``(n,)`` advantages).
+        micro-batch (its ``(n, R)`` ``old_logprobs`` / ``ref_logprobs``, ``(n,)`` ``advantages``).
 
-        ``old_logprobs=None``: the ratio's denominator is ``logprobs.detach()`` (ratio 1, gradient
+        ``mb.old_logprobs`` None: the ratio's denominator is ``logprobs.detach()`` (ratio 1, gradient
         ``A * grad log pi``)."""
-        logprobs, entropy = mb.response_logprobs(
+        logprobs, entropy = mb.rollout.response_logprobs(
             self.policy, self.generation.temperature, return_entropy=True
         )
         mask = mb.response_mask
-        old = logprobs.detach() if old_logprobs is None else old_logprobs
-        tis, engine_stats = self.engine_correction(mb, old)  # engine-vs-trainer mismatch (TIS weights)
+        ref_logprobs, advantages = mb.ref_logprobs, mb.advantages
+        old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
+        tis, engine_stats = self.engine_correction(mb.rollout, old)  # engine-vs-trainer mismatch (TIS weights)
         max_len = self.generation.max_new_tokens  # constant normaliser of seq_mean_token_sum
-        pg_loss, pg = ppo_policy_loss(
+        pg_loss, pg = registry.policy_loss(self.policy_loss, "GRPOModule").fn(
             logprobs,
             old,
             advantages,
@@ -325,10 +329,7 @@ class GRPOModule(OnlineRLModule):
         stats = {
             **engine_stats,
             "train/policy_loss": pg_loss.detach(),
-            "train/clipfrac": pg["clipfrac"],
-            "train/approx_kl": pg["approx_kl"],
-            "train/ratio_mean": pg["ratio_mean"],
-            "train/ratio_max": pg["ratio_max"],
+            **{f"train/{k}": pg[k] for k in ("clipfrac", "approx_kl", "ratio_mean", "ratio_max") if k in pg},
         }
         if ref_logprobs is not None and not self.kl_in_reward:
             kl = kl_penalty(logprobs, ref_logprobs, self.kl_estimator, mask)  # (n, R), grad through logprobs
@@ -342,24 +343,16 @@ class GRPOModule(OnlineRLModule):
         stats["train/loss"] = loss.detach()
         return loss, stats
 
-    def optimise(
-        self,
-        rollout: Rollout,
-        old_logprobs: torch.Tensor | None,
-        ref_logprobs: torch.Tensor | None,
-        advantages: torch.Tensor,
-        has_rows: bool = True,
-    ) -> dict[str, float]:
+    def optimise(self, experience: Experience, has_rows: bool = True) -> dict[str, float]:
         """``num_iterations`` x shuffled mini-batches, one optimiser step each, accumulated over
         micro-batches (``OnlineRLModule.optimise_minibatches``); the LR schedule advances once per
         call. Returns the mean of each ``train/`` statistic over all micro-batches. ``has_rows``:
         False when this rank kept no group but another did (it runs zero-weight micro-batches)."""
         (opt,) = self.optimizer_list()
         stats, _ = self.optimise_minibatches(
-            rollout,
-            lambda mb, idx, old, ref: self.grpo_loss(mb, old, ref, advantages[idx]),
+            experience,
+            self.grpo_loss,
             [(opt, self.optim.max_grad_norm)],
-            aligned=(old_logprobs, ref_logprobs),
             epochs=self.num_iterations,
             mini_batch_size=self.mini_batch_size,
             micro_batch_size=self.micro_batch_size,

@@ -8,14 +8,30 @@ module. One ``training_step`` receives a batch of prompts and runs, as one metho
     logprobs = self.policy_logprobs(rollout)           # old log-probs (no grad)
     ref_logprobs = self.reference_logprobs(rollout)    # frozen reference (or the disabled adapter)
     rewards, kl = self.kl_shaped_rewards(scores.rewards, logprobs, ref_logprobs, rollout.response_mask)
-    ...                                                # the algorithm: advantages, then
-    self.optimise_minibatches(rollout, loss_fn, ...)   # epochs x mini-batches x micro-batches
+    exp = Experience(rollout, old_logprobs=logprobs, ref_logprobs=ref_logprobs, rewards=rewards, ...)
+    ...                                                # the algorithm: exp.advantages, then
+    self.optimise_minibatches(exp, loss_fn, ...)       # epochs x mini-batches x micro-batches
     self.log_rollout(rollout, scores, kl)
+
+Where each part lives (each a focused file; the module class combines them):
+
+- this file: the constructor's options, the models (policy, frozen reference and reward model),
+  scoring and shaping, the no-grad forwards, the KL penalty and controller;
+- ``rollout_engine.py`` (:class:`RolloutEngine`): the rollout's generator, ``generate`` with the
+  ``hf`` sampler or the vLLM engine, the engine's start/sync/close, the TIS correction;
+- ``minibatch.py`` (:class:`MinibatchOptimisation`): optimisers and schedules, the agreed plan of
+  epochs x mini-batches x micro-batches over an ``Experience``, accumulation and stepping;
+- ``online_logging.py`` (:class:`RolloutLogging`): timings, the rollout's metrics, the callbacks of
+  the export / sample-table options;
+- ``online_state.py`` (:class:`OnlineCheckpointState`): the extra checkpoint state;
+- ``rollout/experience.py`` (:class:`~lightning_rlhf.rollout.Experience`): the data that flows from
+  the rollout to each micro-batch's loss; ``rollout/scoring.py``: the reward sources;
+  ``core/registry.py``: advantage estimators and policy losses by name.
 
 What a subclass writes (see ``PPOModule``): ``configure_model`` (call ``super()`` first, then build
 its own trainable parts, e.g. a critic), ``configure_optimizers`` (``self.build_actor_optimizer()``
-plus its own), ``training_step``, and the loss of one micro-batch that it hands to
-``optimise_minibatches``. It may extend ``online_state_dict`` / ``load_online_state_dict``
+plus its own), ``training_step``, and the loss of one micro-batch (``loss_fn(mb: Experience)``) that
+it hands to ``optimise_minibatches``. It may extend ``online_state_dict`` / ``load_online_state_dict``
 (extra state saved in Lightning checkpoints) and ``trainable_parameters``.
 
 Frozen models (reference, reward model) are deliberately *not* registered as submodules: they stay
@@ -26,59 +42,39 @@ uses with ``offload_frozen``).
 
 from __future__ import annotations
 
-import contextlib
-import math
-import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..core import (
     AdaptiveKLController,
     FixedKLController,
     kl_penalty,
-    masked_mean,
     token_rewards,
-    truncated_importance_weights,
 )
-from ..models import ModelSpec, as_spec, disable_dropout, freeze, load_causal_lm, load_sequence_classifier
+from ..models import ModelSpec, as_spec, disable_dropout, load_causal_lm, load_sequence_classifier
 from ..models.distributed import (
-    all_gather_object,
     all_reduce,
-    fsdp_gradient_sync,
-    gathered_once,
-    is_sharded,
-    rank,
     world_size,
 )
 from ..rollout import (
-    CompositeScorer,
     GenerationSpec,
     RewardFunctionScorer,
-    RewardModelScorer,
     Rollout,
     eval_mode,
 )
-from ..rollout import generate as sample_rollout
-from ..rollout.scoring import RunningMoments, Scores
-from .common import (
-    OptimSpec,
-    StageModule,
-    as_dataclass,
-    build_optimizer,
-    build_scheduler,
-    grads_finite,
-    total_training_steps,
-)
+from ..rollout.scoring import RunningMoments, Scores, build_scorer
+from .common import OptimSpec, StageModule, as_dataclass
+from .minibatch import MinibatchOptimisation, reject_optimiser_step_options
+from .online_logging import RolloutLogging
+from .online_state import OnlineCheckpointState
+from .rollout_engine import RolloutEngine
 
 
-class OnlineRLModule(StageModule):
+class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, OnlineCheckpointState, StageModule):
     """Base of the online RL stages: policy, frozen reference and reward, rollout, scoring and KL.
 
     Uses manual optimisation (``automatic_optimization = False``): the subclass's ``training_step``
@@ -141,10 +137,11 @@ class OnlineRLModule(StageModule):
         disable_dropout: set every dropout of the policy, critic and reference to 0 (as TRL does), so
             that the first ratio of each rollout is exactly 1 and the KL is not dropout noise.
         log_samples_every_n_steps: every N rollout steps, log a table of (prompt, response, reward)
-            to W&B when the logger is a ``WandbLogger`` (0: never). The last samples are also kept in
+            to W&B when the logger is a ``WandbLogger`` (0: never): the ``lightning_rlhf.callbacks.SampleTable``
+            callback, added by ``configure_callbacks``. The last samples are also kept in
             ``self.last_samples``.
         save_every_n_steps: also export the policy every N rollout steps to
-            ``<output_dir>/step-<N>`` (None: only at the end).
+            ``<output_dir>/step-<N>`` (None: only at the end): the ``PeriodicExport`` callback.
         output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA policy merged into its base (else the adapter folder).
     """
@@ -236,7 +233,6 @@ class OnlineRLModule(StageModule):
         self.reward_moments = RunningMoments()
         self.rollout_step = 0  # completed rollout steps (prompt batches), checkpointed
         self.policy: nn.Module | None = None
-        self._frozen: dict[str, nn.Module] = {}  # reference / reward: plain dict, so not registered
         self.scorer = None
         self.diagnostic_scorer = None
         self._engine = None  # the vllm engine (generation.engine == "vllm"), built on first use
@@ -286,24 +282,15 @@ class OnlineRLModule(StageModule):
             self.policy = self.shard(self.no_dropout(load_causal_lm(self.policy_spec)).train())
         if self.uses_reference and not self.reference_is_adapter_off and "reference" not in self._frozen:
             spec = self.reference_spec or replace(self.policy_spec, lora=None, gradient_checkpointing=False)
-            self._frozen["reference"] = self.shard(self.no_dropout(load_causal_lm(spec, trainable=False)))
+            self.hold_frozen("reference", self.shard(self.no_dropout(load_causal_lm(spec, trainable=False))))
         if self.reward_spec is not None and "reward" not in self._frozen:
-            self._frozen["reward"] = self.shard(load_sequence_classifier(self.reward_spec, trainable=False))
+            self.hold_frozen("reward", self.shard(load_sequence_classifier(self.reward_spec, trainable=False)))
         if self.scorer is None:
-            n_sources = (self.reward_model is not None) + len(self.reward_functions)
-            weights = list(self.reward_weights or [1.0] * n_sources)
-            scorers, scorer_weights = [], []
-            if self.reward_model is not None:
-                scorers.append(RewardModelScorer(self.reward_model, batch_size=self.forward_batch_size))
-                scorer_weights.append(weights.pop(0))
-            if self.reward_functions:  # the remaining weights are the functions'
-                scorers.append(RewardFunctionScorer(self.reward_functions, weights))
-                scorer_weights.append(1.0)
-            self.scorer = CompositeScorer(scorers, scorer_weights)
+            self.scorer = build_scorer(
+                self.reward_model, self.reward_functions, self.reward_weights, self.forward_batch_size
+            )
         if self.diagnostic_functions and self.diagnostic_scorer is None:
             self.diagnostic_scorer = RewardFunctionScorer(self.diagnostic_functions)
-        for model in self._frozen.values():
-            freeze(model)
 
     def exported_model(self) -> nn.Module:
         return self.policy
@@ -316,373 +303,7 @@ class OnlineRLModule(StageModule):
         """The policy's trainable parameters (what the actor optimiser holds)."""
         return (p for p in self.policy.parameters() if p.requires_grad)
 
-    @contextlib.contextmanager
-    def frozen_on_device(self, name: str) -> Iterator[nn.Module | None]:
-        """The frozen model ``name`` (``"reference"``/``"reward"``) on ``self.device`` (and in a
-        ``*-true`` precision's dtype) for the block; back on the CPU after it when ``offload_frozen``.
-        An FSDP2-sharded one stays where its shards are."""
-        model = self._frozen.get(name)
-        move = model is not None and not is_sharded(model)
-        if model is not None:
-            self.place_frozen(model)
-        try:
-            yield model
-        finally:
-            if move and self.offload_frozen:
-                model.to("cpu")
-
-    # ---------------------------------------------------------------------------- optimisation
-
-    def build_actor_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """AdamW on ``trainable_parameters()`` with the ``optim`` schedule over rollout steps."""
-        opt = build_optimizer(self.trainable_parameters(), self.optim)
-        return opt, build_scheduler(opt, self.optim, self.total_rollout_steps())
-
-    def total_rollout_steps(self) -> int:
-        return self.schedule_steps or total_training_steps(self)
-
-    def configure_optimizers(self):
-        opt, sched = self.build_actor_optimizer()
-        self._schedulers = [sched]
-        return [opt], [sched]
-
-    def schedulers(self) -> list:
-        """The LR schedulers, under a Trainer (``self.lr_schedulers()``) or Fabric (as configured)."""
-        if self._fabric is not None or self._trainer is None:
-            return list(self._schedulers)
-        scheds = self.lr_schedulers()
-        return [] if scheds is None else list(scheds) if isinstance(scheds, list) else [scheds]
-
-    def optimizer_list(self) -> list:
-        opts = self.optimizers()
-        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
-
-    def clip_and_step(self, optimizer, max_grad_norm: float | None) -> None:
-        """Clip the gradients to ``max_grad_norm`` (of the unscaled gradients), step, zero."""
-        if max_grad_norm:
-            clip = max_grad_norm * self._loss_scale()
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if optimizer is self.optimizer_list()[0]:  # the actor's (first) optimiser: the policy moved
-            self._policy_version += 1
-
-    def _grad_scaler_enabled(self) -> bool:
-        """Whether a GradScaler (``16-mixed``) of the Trainer or of Fabric scales the gradients."""
-        if self._fabric is not None:
-            plugin = getattr(self._fabric, "_precision", None)
-        else:
-            plugin = self.trainer.precision_plugin if self._trainer is not None else None
-        scaler = getattr(plugin, "scaler", None)
-        return scaler is not None and scaler.is_enabled()
-
-    def _loss_scale(self) -> float:
-        """The GradScaler's current scale when the gradients are still scaled at clipping time, else 1.
-
-        Under a Trainer with ``16-mixed`` and manual optimisation, Lightning unscales the gradients
-        only inside ``optimizer.step()``, after ``clip_gradients`` (Lightning issue #18089), and a
-        second ``unscale_`` there would raise. Clipping the scaled gradients at ``max_grad_norm *
-        scale`` is the same clip as ``max_grad_norm`` on the unscaled ones (the norm scales
-        linearly); non-finite gradients stay non-finite, so the scaler still skips that step.
-        Fabric's ``clip_gradients`` unscales first by itself: 1 there.
-        """
-        if self._fabric is not None or self._trainer is None:
-            return 1.0
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
-    def minibatches(self, n: int, mini_batch_size: int | None) -> list[torch.Tensor]:
-        """A shuffled partition of ``range(n)`` into index tensors of ``mini_batch_size`` (the last
-        may be shorter), drawn from the rollout generator."""
-        size = mini_batch_size or n
-        perm = torch.randperm(n, generator=self.generator, device=self.generator.device).to(self.device)
-        return list(perm.split(size))
-
-    def optimise_minibatches(
-        self,
-        rollout: Rollout,
-        loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
-        optimizers: Sequence[tuple[torch.optim.Optimizer, float | None]],
-        *,
-        aligned: Sequence[torch.Tensor | None] = (),
-        epochs: int = 1,
-        mini_batch_size: int | None = None,
-        micro_batch_size: int | None = None,
-        loss_agg: str = "token_mean",
-        target_kl: float | None = None,
-        has_rows: bool = True,
-    ) -> tuple[dict[str, float], int]:
-        """The optimisation phase of a rollout step: ``epochs`` x shuffled mini-batches of
-        ``mini_batch_size`` rows, each one step of every optimiser, its gradient accumulated over
-        micro-batches of ``micro_batch_size`` rows (``manual_backward``); then the LR schedules
-        advance once.
-
-        Several processes: every rank runs the same number of forwards, backwards and optimiser
-        steps, whatever its row count (GRPO's dynamic sampling keeps a different number of rows per
-        rank): the ranks agree on the most mini-batches and micro-batches per mini-batch, and a rank
-        with fewer runs zero-weight micro-batches (on its row 0) in their place. Each micro-batch's
-        share is taken of the *global* mini-batch (its tokens or rows over all ranks' , times the
-        world size, since DDP and FSDP2 average gradients), so the step equals one process's step on
-        the union of the ranks' rows. The gradients of all but the last micro-batch of a mini-batch
-        are accumulated without synchronisation (``no_sync`` / FSDP2's
-        ``set_requires_gradient_sync``; see ``sync_free_accumulation``). ``target_kl`` compares the
-        mean ``approx_kl`` over every rank's micro-batches, so all ranks stop after the same epoch.
-
-        Args:
-            rollout: the ``N`` rows trained on.
-            loss_fn: ``loss_fn(mb, idx, *aligned_rows) -> (loss, stats)`` on one micro-batch: ``mb``
-                the rows ``idx`` (long tensor) of the rollout, trimmed by ``take``, and
-                ``aligned_rows`` the same rows and columns of each ``aligned`` tensor (None stays
-                None); ``stats`` maps metric names to scalar tensors.
-            optimizers: ``(optimizer, max_grad_norm)`` pairs, clipped and stepped in this order after
-                each mini-batch (``clip_and_step``; ``max_grad_norm`` None: no clipping).
-            aligned: ``(N, R)`` tensors aligned with the rollout's responses (or None).
-            epochs: passes over the rollout.
-            mini_batch_size / micro_batch_size: rows per optimiser step / per forward (None: all).
-            loss_agg: the losses' reduction; it fixes each micro-batch's share of the mini-batch
-                loss (its tokens for ``token_mean``, its rows otherwise), so that the accumulated
-                gradient is that of the whole mini-batch.
-            target_kl: stop after an epoch whose mean ``train/approx_kl`` exceeds it (None: off).
-            has_rows: False when this rank has nothing to train on but others do: it then only
-                runs the agreed zero-weight micro-batches and steps.
-
-        Returns:
-            ``(stats, epochs_done)``: the mean of each statistic over this rank's micro-batches, and
-            the epochs run.
-        """
-        mask = rollout.response_mask
-        world = world_size()
-        history: dict[str, list[torch.Tensor]] = defaultdict(list)
-        n = len(rollout) if has_rows else 0
-        size = mini_batch_size or len(rollout)
-        micro = micro_batch_size or size
-        # the agreed plan: most mini-batches per epoch, most micro-batches per mini-batch
-        plan = torch.tensor([math.ceil(n / size), math.ceil(min(n, size) / micro)], device=self.device)
-        n_mini, n_micro = (int(v) for v in all_reduce(plan, "max"))
-        dummy = torch.zeros(1, dtype=torch.long, device=self.device)  # row 0, trained with weight 0
-        epochs_done = 0
-        for _epoch in range(epochs):
-            kl_sum, kl_count = torch.zeros((), device=self.device), 0
-            local = self.minibatches(n, mini_batch_size) if has_rows else []
-            for j in range(n_mini):
-                mb_idx = local[j] if j < len(local) else dummy[:0]
-                micro_idx = list(mb_idx.split(micro)) if len(mb_idx) else []
-                # the mini-batch's loss normaliser over every rank: its tokens or rows
-                denom = mask[mb_idx].sum() if loss_agg == "token_mean" else torch.tensor(len(mb_idx), device=self.device)
-                denom = all_reduce(denom.to(self.device, torch.float32), "sum").clamp(min=1) / world
-                loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)  # any micro-batch's loss NaN/inf
-                for k in range(n_micro):
-                    idx = micro_idx[k] if k < len(micro_idx) else dummy
-                    mb, *rows = take(rollout, idx, *aligned)
-                    loss, stats = loss_fn(mb, idx, *rows)
-                    loss_bad = loss_bad | ~torch.isfinite(loss.detach()).all()
-                    real = k < len(micro_idx)
-                    # weight so that the accumulated gradient is that of the whole mini-batch's loss
-                    count = mb.response_mask.sum() if loss_agg == "token_mean" else len(idx)
-                    share = count / denom if real else 0.0
-                    with self.gradient_sync(k == n_micro - 1):
-                        self.manual_backward(loss * share)
-                    if real:
-                        for key, v in stats.items():
-                            history[key].append(v)
-                        if target_kl is not None:
-                            kl_sum, kl_count = kl_sum + stats["train/approx_kl"].detach(), kl_count + 1
-                if self.skip_nonfinite_step(loss_bad, [opt for opt, _ in optimizers]):
-                    for opt, _ in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                else:
-                    for opt, max_grad_norm in optimizers:
-                        self.clip_and_step(opt, max_grad_norm)
-            epochs_done += 1
-            if target_kl is not None:
-                total = all_reduce(torch.stack([kl_sum.float(), torch.tensor(float(kl_count), device=self.device)]))
-                if float(total[0] / total[1].clamp(min=1)) > target_kl:
-                    break
-        for sched in self.schedulers():
-            sched.step()
-        out = {k: float(torch.stack(v).float().mean()) for k, v in history.items()}
-        out["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
-        return out, epochs_done
-
-    def skip_nonfinite_step(self, loss_bad: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
-        """Whether to skip the optimiser steps of this mini-batch (every optimiser; decided on every rank
-        alike by ``StageModule.nonfinite_step``): the rollout's rewards were non-finite, or a micro-batch's
-        loss (``loss_bad``) or a gradient is, here or on another rank. With ``optim.nonfinite: stop`` it
-        raises instead, naming what and the rollout step.
-
-        Under ``16-mixed`` (a GradScaler), overflowed gradients are the scaler's to handle (it skips that
-        step and lowers its scale), so only the loss is checked there."""
-        if self._nonfinite_rewards_at == self.rollout_step:  # agreed and counted when scored
-            return True
-        what = "loss" if bool(loss_bad) else None
-        if what is None and not self._grad_scaler_enabled():
-            params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-            what = None if grads_finite(params) else "gradients"
-        return self.nonfinite_step(what, f"rollout step {self.rollout_step + 1}")
-
-    sync_free_accumulation: bool = True
-    """Accumulate the gradients of a mini-batch's micro-batches without synchronising them across
-    ranks, except on the last one (one all-reduce per optimiser step instead of one per micro-batch).
-    False: every backward synchronises (the same result, slower; kept for comparison)."""
-
-    @contextlib.contextmanager
-    def gradient_sync(self, enabled: bool) -> Iterator[None]:
-        """Whether the backward passes in the block synchronise gradients across ranks. Off: DDP's
-        ``no_sync`` (the Trainer strategy's ``block_backward_sync``) and FSDP2's
-        ``set_requires_gradient_sync(False)`` on every sharded module. A no-op on one process and
-        with ``sync_free_accumulation`` off."""
-        if enabled or not self.sync_free_accumulation or world_size() == 1:
-            yield
-            return
-        with contextlib.ExitStack() as stack:
-            if self._trainer is not None and self._fabric is None:
-                from lightning.pytorch.strategies import ParallelStrategy
-
-                if isinstance(self.trainer.strategy, ParallelStrategy):
-                    stack.enter_context(self.trainer.strategy.block_backward_sync())
-            ddp = self.fabric_ddp()
-            if ddp is not None:
-                stack.enter_context(ddp.no_sync())
-            stack.enter_context(fsdp_gradient_sync(self, False))
-            yield
-
-    _fabric_ddp_ref: Callable | None = None  # a weak reference, set by lightning_rlhf.fabric.FabricRunner
-
-    def fabric_ddp(self):
-        """The ``DistributedDataParallel`` wrapping this module under Fabric's DDP (None otherwise)."""
-        return self._fabric_ddp_ref() if self._fabric is not None and self._fabric_ddp_ref is not None else None
-
-    def manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        """``loss.backward()`` through the Trainer's strategy or ``fabric.backward``. Under Fabric's DDP
-        the backward runs inside ``training_step``, outside any ``DistributedDataParallel.forward``,
-        so the reducer is told to expect this backward first (as Lightning's manual optimisation does
-        under the Trainer); without it DDP would not all-reduce these gradients."""
-        ddp = self.fabric_ddp()
-        if ddp is not None:
-            from lightning.pytorch.overrides.distributed import prepare_for_backward
-
-            prepare_for_backward(ddp, loss)
-        super().manual_backward(loss, *args, **kwargs)
-
     # --------------------------------------------------------------------------------- rollout
-
-    @property
-    def generator(self) -> torch.Generator:
-        """The rollout's own random generator, on ``self.device``, seeded ``seed + global_rank``."""
-        if self._generator is None or self._generator.device != self.device:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(self.seed + self.global_rank)
-            if self._pending_generator_state is not None:
-                g.set_state(self._pending_generator_state)
-                self._pending_generator_state = None
-            elif self._generator is not None:  # device changed: carry the state over when possible
-                with contextlib.suppress(RuntimeError):
-                    g.set_state(self._generator.get_state())
-            self._generator = g
-        return self._generator
-
-    def eos_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        config_eos = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)
-        if isinstance(config_eos, int):
-            ids.add(config_eos)
-        elif config_eos:
-            ids.update(config_eos)
-        return sorted(i for i in ids if i is not None)
-
-    rollout_gathered_once: bool = True
-    """Under FSDP2, all-gather the policy's layers once per rollout (at the first forward) and keep
-    them until sampling ends, instead of re-gathering every layer for every generated token: faster,
-    at the cost of one full copy of the policy per rank during sampling. False: per-token gathers."""
-
-    def generate(self, batch: dict) -> Rollout:
-        """Sample responses to the prompt batch from the policy with ``generation.engine``: ``hf``
-        (our sampler: eval mode, KV cache, no grad) or ``vllm`` (the colocated engine, synced first
-        when the policy moved ``sync_every`` optimiser steps since its last sync)."""
-        g = self.generation
-        kwargs = dict(
-            max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature,
-            top_k=g.top_k,
-            top_p=g.top_p,
-            num_samples=g.num_samples,
-            eos_token_id=self.eos_token_ids(),
-            pad_token_id=self.tokenizer.pad_token_id,
-            generator=self.generator,
-        )
-        if g.engine == "hf":
-            with gathered_once(self.policy, self.rollout_gathered_once):  # FSDP2: gather once per rollout
-                return sample_rollout(
-                    self.policy,
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    sync_stop=world_size() > 1,
-                    cache_implementation=g.cache_implementation,
-                    cuda_graphs=g.cuda_graphs,
-                    torch_compile=g.torch_compile,
-                    decode_attention=g.decode_attention,
-                    **kwargs,
-                )
-        engine = self.rollout_engine()
-        self.sync_engine()
-        return engine.generate(batch["input_ids"], batch["attention_mask"], **kwargs)
-
-    def rollout_engine(self):
-        """The colocated ``VLLMEngine`` (``generation.engine == "vllm"``), built on first use."""
-        if self._engine is None:
-            from ..rollout.vllm_engine import VLLMEngine
-
-            with self.timed("engine_start"):
-                self._engine = VLLMEngine(self.policy, self.generation.vllm, seed=self.seed)
-        return self._engine
-
-    def sync_engine(self, force: bool = False) -> bool:
-        """Push the policy's weights into the engine if it never got them or the policy made
-        ``generation.vllm.sync_every`` optimiser steps since (or ``force``). Returns whether it synced;
-        the time goes to ``time/weight_sync``. Under FSDP2 every rank must call it (each gathers
-        the full weights parameter by parameter)."""
-        engine = self.rollout_engine()
-        behind = None if engine.synced_version is None else self._policy_version - engine.synced_version
-        if not force and behind is not None and behind < self.generation.vllm.sync_every:
-            return False
-        with self.timed("weight_sync"):
-            engine.sync_weights(self.policy, version=self._policy_version)
-        return True
-
-    def close_engine(self) -> None:
-        """Shut the vllm engine down (at the end of fit; the next rollout builds a new one)."""
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-
-    def teardown(self, stage: str) -> None:
-        super().teardown(stage)
-        self.close_engine()
-
-    def engine_correction(
-        self, mb: Rollout, old_logprobs: torch.Tensor
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """The TIS weights of a micro-batch (None with ``tis_cap`` off) and the engine-vs-trainer
-        statistics (``rollout/logprob_diff_mean`` / ``_max``, ``rollout/tis_weight_mean`` /
-        ``rollout/tis_clip_frac``; logged as their mean over micro-batches; none with the ``hf``
-        engine and TIS off).
-
-        ``old_logprobs``: ``(n, R)`` the trainer's log-probs of the rollout policy; the engine's are
-        ``mb.logprobs``."""
-        if self.tis_cap is None and self.generation.engine == "hf":
-            return None, {}
-        weights, stats = truncated_importance_weights(
-            old_logprobs, mb.logprobs, mb.response_mask, self.tis_cap or 1.0
-        )
-        out = {
-            "rollout/logprob_diff_mean": stats["logprob_diff_mean"],
-            "rollout/logprob_diff_max": stats["logprob_diff_max"],
-        }
-        if self.tis_cap is None:
-            return None, out
-        out["rollout/tis_weight_mean"] = stats["tis_weight_mean"]
-        out["rollout/tis_clip_frac"] = stats["tis_clip_frac"]
-        return weights, out
 
     def score(self, rollout: Rollout, batch: dict) -> Scores:
         """Score each row with the reward sources, compute the diagnostics, and shape the scores."""
@@ -763,6 +384,17 @@ class OnlineRLModule(StageModule):
         with eval_mode(self.policy):
             return self._chunked(lambda r: r.response_logprobs(self.policy, t)[0], rollout)
 
+    recompute_logprobs: bool = True
+    """Recompute the rollout policy's log-probs with a no-grad forward (set by PPO and GRPO)."""
+
+    def rollout_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """``(N, R)`` log-probs of the rollout policy, the ratio's denominator, 0 off the mask: recomputed
+        (``policy_logprobs``) with ``recompute_logprobs`` or the vLLM engine (whose log-probs only enter
+        through TIS), else those recorded while sampling. The one place this is decided."""
+        if self.recompute_logprobs or self.generation.engine != "hf":
+            return self.policy_logprobs(rollout)
+        return rollout.logprobs.masked_fill(rollout.response_mask == 0, 0.0)
+
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
         """``(N, R)`` fp32 log-probs under the frozen reference (None when the KL penalty is off)."""
@@ -806,173 +438,3 @@ class OnlineRLModule(StageModule):
         total = all_reduce(torch.stack([(kl * mask).sum(), rows.sum().to(kl.dtype)]).float())
         if total[1] > 0:
             self.kl_ctl.update(float(total[0] / total[1]), n_steps=int(total[1]))
-
-    # --------------------------------------------------------------------------------- logging
-
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        """Time the block; logged as ``time/<phase>`` (seconds) by ``log_rollout``."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
-
-    def rollout_metrics(self, rollout: Rollout, scores: Scores, kl: torch.Tensor | None) -> dict[str, float]:
-        mask = rollout.response_mask
-        metrics = {
-            "rollout/reward_mean": float(scores.raw.mean()),
-            "rollout/reward_std": float(scores.raw.std()) if len(scores.raw) > 1 else 0.0,
-            "rollout/reward_shaped_mean": float(scores.rewards.mean()),
-            "rollout/response_len": float(mask.sum(-1).float().mean()),
-            "rollout/truncated_frac": float((~rollout.finished).float().mean()),
-            "rollout/kl_coef": float(self.kl_ctl.value),
-        }
-        if kl is not None and self.uses_reference:
-            metrics["rollout/kl"] = float((kl * mask).sum(-1).mean())
-            metrics["rollout/kl_token"] = float(masked_mean(kl, mask))
-        for name, part in scores.parts.items():
-            metrics[f"rollout/reward/{name}"] = float(part.nanmean())
-        for name, part in scores.diagnostics.items():
-            metrics[f"rollout/diag/{name}"] = float(part.nanmean())
-        if self.normalize_rewards:
-            metrics["rollout/reward_running_mean"] = self.reward_moments.mean
-            metrics["rollout/reward_running_std"] = self.reward_moments.std
-        return metrics
-
-    def log_rollout(
-        self, rollout: Rollout, scores: Scores, kl: torch.Tensor | None, extra: dict[str, float] | None = None
-    ) -> dict[str, float]:
-        """Log the rollout's metrics, the phase timings, learning rates and ``extra``; every
-        ``log_samples_every_n_steps`` a table of samples. Returns what was logged."""
-        metrics = self.rollout_metrics(rollout, scores, kl)
-        metrics.update({f"time/{k}": v for k, v in self.timings.items()})
-        for name, opt in zip(self.optimizer_names(), self.optimizer_list(), strict=False):
-            metrics[f"train/lr_{name}"] = float(opt.param_groups[0]["lr"])
-        metrics.update(extra or {})
-        metrics["rollout/step"] = float(self.rollout_step)
-        self.log_dict(metrics, batch_size=len(rollout))
-        self.log("rollout/reward", metrics["rollout/reward_mean"], prog_bar=True, batch_size=len(rollout))
-        self.timings = {}
-        self.last_samples = [
-            {"prompt": str(p), "response": c, "reward": float(r)}
-            for p, c, r in zip(scores.prompts, scores.completions, scores.raw.tolist(), strict=True)
-        ]
-        n = self.log_samples_every_n_steps
-        if n and self.rollout_step % n == 0:
-            self.log_samples()
-        return metrics
-
-    def optimizer_names(self) -> list[str]:
-        """Names of the optimisers in ``optimizers()`` order, for the ``train/lr_<name>`` metrics."""
-        return ["actor"]
-
-    def log_samples(self, max_rows: int = 16) -> None:
-        """A table of (step, prompt, response, reward) to W&B, when the logger is a ``WandbLogger``."""
-        from lightning.pytorch.loggers import WandbLogger
-
-        rows = [
-            [self.rollout_step, s["prompt"], s["response"], s["reward"]] for s in self.last_samples[:max_rows]
-        ]
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_text(
-                    key="rollout/samples", columns=["step", "prompt", "response", "reward"], data=rows
-                )
-
-    # ----------------------------------------------------------------------------- checkpoints
-
-    def online_state_dict(self) -> dict:
-        """State outside the modules and optimisers: KL controller, reward normaliser, rollout RNG,
-        step counter. Saved in Lightning checkpoints (``on_save_checkpoint``); Fabric users save it
-        themselves next to the module and optimisers.
-
-        Each rank has its own rollout generator (seeded ``seed + rank``) while a checkpoint holds one
-        copy of this state (rank 0's), so every rank's generator state is gathered into it
-        (``generators``, in rank order; a collective: every rank calls it)."""
-        gen = self.generator.get_state()
-        return {
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "reward_moments": self.reward_moments.state_dict(),
-            "generator": gen,
-            "generators": all_gather_object(gen),
-            "rollout_step": self.rollout_step,
-            "nonfinite_skipped": self.nonfinite_skipped,
-        }
-
-    def load_online_state_dict(self, state: dict) -> None:
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.reward_moments.load_state_dict(state["reward_moments"])
-        self.rollout_step = int(state["rollout_step"])
-        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
-        gens = state.get("generators")
-        # this rank's generator when saved at the same world size (else rank 0's, as before)
-        gen = gens[rank()] if gens is not None and len(gens) == world_size() else state["generator"]
-        self._pending_generator_state = gen.cpu()
-        self._generator = None  # rebuilt (with this state) on first use, on the right device
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["online_rl"] = self.online_state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "online_rl" in checkpoint:
-            self.load_online_state_dict(checkpoint["online_rl"])
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        n = self.save_every_n_steps
-        if n and self.output_dir and self.rollout_step % n == 0:
-            # every rank calls it (FSDP2 gathers the full weights); rank 0 writes
-            path = self.save_pretrained(Path(self.output_dir) / f"step-{self.rollout_step}")
-            if path is not None:
-                rank_zero_info(
-                    f"[{type(self).__name__}] saved the policy at rollout step {self.rollout_step} to {path}"
-                )
-
-
-def reject_optimiser_step_options(trainer, stage: str) -> None:
-    """Raise a ``ValueError`` naming the option and what to use instead when the Trainer is set to
-    count ``trainer.global_step``: under manual optimisation it counts every optimiser step (actor
-    and critic, times epochs and mini-batches), not rollout steps."""
-    why = (
-        f"{stage} optimises by hand: trainer.global_step counts every optimiser step (each optimiser, "
-        "times epochs and mini-batches of a rollout), not rollout steps (prompt batches)"
-    )
-    for name in ("max_steps", "min_steps"):
-        value = getattr(trainer, name, None)
-        if value not in (None, -1):
-            raise ValueError(
-                f"trainer.{name}={value} is not supported: {why}. Bound the run in rollout steps with "
-                "trainer.max_epochs and trainer.limit_train_batches (rollout steps per epoch) instead"
-            )
-    for cb in getattr(trainer, "checkpoint_callbacks", []):
-        n = getattr(cb, "_every_n_train_steps", 0)
-        if n:
-            raise ValueError(
-                f"ModelCheckpoint(every_n_train_steps={n}) is not supported: {why}. Use "
-                "ModelCheckpoint(every_n_epochs=...) or train_time_interval for Lightning checkpoints, "
-                f"or {stage}'s save_every_n_steps to export the policy every N rollout steps"
-            )
-
-
-def take(rollout: Rollout, idx: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
-    """Rows ``idx`` of a rollout and of ``(N, R)`` tensors aligned with its responses, trimmed to the
-    columns those rows use (all-pad prompt columns on the left, response columns after the longest
-    response), so that a mini-batch of short responses runs a short forward. A None tensor stays None.
-
-    Returns ``(rollout, *tensors)`` for the selected rows.
-    """
-    mb = rollout.select(idx)
-    r = max(1, int(mb.response_mask.sum(-1).max()))
-    used = mb.prompt_mask.any(0).nonzero()
-    p0 = int(used[0]) if len(used) else 0
-    mb = Rollout(
-        prompt_ids=mb.prompt_ids[:, p0:],
-        prompt_mask=mb.prompt_mask[:, p0:],
-        response_ids=mb.response_ids[:, :r],
-        response_mask=mb.response_mask[:, :r],
-        logprobs=mb.logprobs[:, :r],
-        finished=mb.finished,
-        prompt_index=mb.prompt_index,
-    )
-    return (mb, *(None if t is None else t[idx][:, :r] for t in tensors))

@@ -13,12 +13,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core import gae, masked_mean, masked_moments, masked_var, ppo_policy_loss, value_loss, whiten
+from ..core import gae, masked_mean, masked_moments, masked_var, registry, value_loss, whiten
 from ..models import ModelSpec, as_spec, load_sequence_classifier
 from ..models.distributed import all_reduce
 from ..models.loader import DTYPES
 from ..models.value import ValueHead, hidden_size, logprobs_and_values, sequence_values
 from ..rollout import Rollout, eval_mode
+from ..rollout.experience import Experience
 from .common import OptimSpec, as_dataclass, build_optimizer, build_scheduler
 from .online import OnlineRLModule
 
@@ -69,6 +70,9 @@ class PPOModule(OnlineRLModule):
         micro_batch_size: rows per forward/backward; gradients are accumulated over the mini-batch
             (None: the mini-batch at once).
         clip_eps: PPO ratio clip range.
+        policy_loss: the policy loss by name in ``core.registry`` (``ppo_clip``: ``core.ppo_policy_loss``;
+            or one registered with ``register_policy_loss``, or an import path). ``target_kl`` reads
+            its ``approx_kl`` statistic.
         value_clip_eps: clip range of the value update around the rollout's values (None: unclipped).
         vf_coef: weight of the value loss (matters with ``share_backbone``; with a separate critic it
             only scales the critic's gradients before clipping).
@@ -99,6 +103,7 @@ class PPOModule(OnlineRLModule):
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
         clip_eps: float = 0.2,
+        policy_loss: str = "ppo_clip",
         value_clip_eps: float | None = 0.2,
         vf_coef: float = 0.1,
         entropy_coef: float = 0.0,
@@ -122,6 +127,7 @@ class PPOModule(OnlineRLModule):
                 raise ValueError(f"{name} must be >= 1 or None, got {size}")
         if share_backbone and critic is not None:
             raise ValueError("share_backbone uses the policy's backbone: do not also give a `critic`")
+        registry.policy_loss(policy_loss, "PPOModule")
         self.critic_spec = as_spec(critic) if critic is not None else None
         self.critic_init = critic_init
         self.share_backbone = share_backbone
@@ -130,6 +136,7 @@ class PPOModule(OnlineRLModule):
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
         self.clip_eps = clip_eps
+        self.policy_loss = policy_loss
         self.value_clip_eps = value_clip_eps
         self.vf_coef = vf_coef
         self.entropy_coef = entropy_coef
@@ -197,12 +204,13 @@ class PPOModule(OnlineRLModule):
             ref_logprobs = self.reference_logprobs(rollout)
         mask = rollout.response_mask
         rewards, kl = self.kl_shaped_rewards(scores.rewards, logprobs, ref_logprobs, mask)
-        advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
+        exp = Experience(rollout, old_logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards, kl=kl)
+        exp.advantages, exp.returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:  # with every rank's mean and variance: 2 x B rows train as 1 x 2B
-            advantages = whiten(advantages, mask, moments=all_reduce(masked_moments(advantages, mask)))
+            exp.advantages = whiten(exp.advantages, mask, moments=all_reduce(masked_moments(exp.advantages, mask)))
         with self.timed("train"):
-            stats = self.optimise(rollout, logprobs, values, advantages, returns)
-        stats.update(self.value_metrics(values, returns, mask))
+            stats = self.optimise(exp)
+        stats.update(self.value_metrics(values, exp.returns, mask))
         self.rollout_step += 1
         self.log_rollout(rollout, scores, kl, stats)
         self.update_kl_controller(kl, mask)
@@ -214,12 +222,12 @@ class PPOModule(OnlineRLModule):
         if self.share_backbone:  # one forward of the policy gives both (its log-probs are recomputed)
             with eval_mode(self.policy):
                 logprobs, _, values = self._chunked(self.actor_critic_forward, rollout)
+            if not self.recompute_logprobs:
+                logprobs = self.rollout_logprobs(rollout)  # as sampled
         else:
-            logprobs = self.policy_logprobs(rollout) if self.recompute_logprobs else rollout.logprobs
+            logprobs = self.rollout_logprobs(rollout)
             with eval_mode(self.critic):
                 values = self._chunked(self.critic_values, rollout)
-        if not self.recompute_logprobs:
-            logprobs = rollout.logprobs
         return logprobs.masked_fill(mask == 0, 0.0), values.masked_fill(mask == 0, 0.0)
 
     def critic_values(self, mb: Rollout) -> torch.Tensor:
@@ -237,26 +245,22 @@ class PPOModule(OnlineRLModule):
         logprobs, entropy = mb.response_logprobs(self.policy, t, return_entropy=True)
         return logprobs, entropy, self.critic_values(mb)
 
-    def ppo_loss(
-        self,
-        mb: Rollout,
-        old_logprobs: torch.Tensor,
-        old_values: torch.Tensor,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def ppo_loss(self, mb: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + ``vf_coef`` x clipped value loss - ``entropy_coef`` x entropy on one
-        micro-batch (all ``(n, R)`` tensors aligned with ``mb``'s responses)."""
-        logprobs, entropy, values = self.actor_critic_forward(mb)
+        micro-batch (its ``old_logprobs``, ``values``, ``advantages``, ``returns``: ``(n, R)``)."""
+        logprobs, entropy, values = self.actor_critic_forward(mb.rollout)
         mask = mb.response_mask
-        tis, engine_stats = self.engine_correction(mb, old_logprobs)  # engine-vs-trainer mismatch
+        old_logprobs, old_values, advantages, returns = mb.old_logprobs, mb.values, mb.advantages, mb.returns
+        tis, engine_stats = self.engine_correction(mb.rollout, old_logprobs)  # engine-vs-trainer mismatch
         max_len = self.generation.max_new_tokens  # constant normaliser for seq_mean_token_sum
-        pg_loss, pg = ppo_policy_loss(
+        pg_loss, pg = registry.policy_loss(self.policy_loss, "PPOModule").fn(
             logprobs,
             old_logprobs,
             advantages,
             mask,
             clip_eps=self.clip_eps,
+            clip_eps_high=None,
+            dual_clip=None,
             agg=self.loss_agg,
             max_len=max_len,
             token_weights=tis,
@@ -278,21 +282,12 @@ class PPOModule(OnlineRLModule):
             "train/policy_loss": pg_loss.detach(),
             "train/value_loss": vf_loss.detach(),
             "train/entropy": mean_entropy.detach(),
-            "train/clipfrac": pg["clipfrac"],
-            "train/approx_kl": pg["approx_kl"],
-            "train/ratio_mean": pg["ratio_mean"],
+            **{f"train/{k}": pg[k] for k in ("clipfrac", "approx_kl", "ratio_mean") if k in pg},
             "train/value_clipfrac": vf["clipfrac"],
         }
         return loss, stats
 
-    def optimise(
-        self,
-        rollout: Rollout,
-        old_logprobs: torch.Tensor,
-        old_values: torch.Tensor,
-        advantages: torch.Tensor,
-        returns: torch.Tensor,
-    ) -> dict[str, float]:
+    def optimise(self, experience: Experience) -> dict[str, float]:
         """``ppo_epochs`` x shuffled mini-batches; one actor and one critic step per mini-batch
         (``OnlineRLModule.optimise_minibatches``).
 
@@ -300,10 +295,9 @@ class PPOModule(OnlineRLModule):
         """
         actor_opt, critic_opt = self.optimizer_list()
         out, epochs_done = self.optimise_minibatches(
-            rollout,
-            lambda mb, _idx, *tensors: self.ppo_loss(mb, *tensors),
+            experience,
+            self.ppo_loss,
             [(actor_opt, self.optim.max_grad_norm), (critic_opt, self.critic_optim.max_grad_norm)],
-            aligned=(old_logprobs, old_values, advantages, returns),
             epochs=self.ppo_epochs,
             mini_batch_size=self.mini_batch_size,
             micro_batch_size=self.micro_batch_size,

@@ -88,9 +88,9 @@ def capture(module: GRPOModule) -> dict:
         )
         step(opt, norm)
 
-    def opt(rollout, old, ref, advantages):
-        seen["trained"], seen["advantages"] = rollout, advantages
-        return optimise(rollout, old, ref, advantages)
+    def opt(experience, **kw):
+        seen["trained"], seen["advantages"] = experience.rollout, experience.advantages
+        return optimise(experience, **kw)
 
     module.generate, module.clip_and_step, module.optimise = gen, clip_and_step, opt
     return seen

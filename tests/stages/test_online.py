@@ -9,10 +9,9 @@ import torch
 
 from lightning_rlhf.models import LoraSpec, ModelSpec, load_causal_lm
 from lightning_rlhf.models.forward import sequence_logprobs
-from lightning_rlhf.rollout import Rollout
+from lightning_rlhf.rollout import Experience, Rollout
 from lightning_rlhf.rollout.scoring import RunningMoments
 from lightning_rlhf.stages import GenerationSpec, OnlineRLModule
-from lightning_rlhf.stages.online import take
 
 
 def count_great(prompts, completions, **_):
@@ -179,7 +178,7 @@ def test_kl_target_needs_a_positive_initial_kl_coef(tiny_model_dir):
     assert ok.kl_ctl.value == 0.1 and ok.kl_ctl.target == 1.0
 
 
-def test_take_trims_a_minibatch_to_the_columns_it_uses(tiny_model_dir):
+def test_experience_select_trims_a_minibatch_to_the_columns_it_uses(tiny_model_dir):
     rollout = Rollout(
         prompt_ids=torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 4, 5, 6]]),
         prompt_mask=torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]),
@@ -190,10 +189,14 @@ def test_take_trims_a_minibatch_to_the_columns_it_uses(tiny_model_dir):
         prompt_index=torch.arange(3),
     )
     values = torch.arange(12.0).view(3, 4)
-    mb, v = take(rollout, torch.tensor([2, 0]), values)
+    exp = Experience(rollout, values=values, advantages=torch.tensor([0.5, 1.5, 2.5]))  # (N, R) and (N,)
+    selected = exp.select(torch.tensor([2, 0]))
+    mb = selected.rollout
     assert mb.prompt_ids.tolist() == [[4, 5, 6], [0, 5, 6]]
     assert mb.response_ids.tolist() == [[16, 17, 2], [11, 2, 0]]
-    assert v.tolist() == [[8.0, 9.0, 10.0], [0.0, 1.0, 2.0]]
+    assert selected.values.tolist() == [[8.0, 9.0, 10.0], [0.0, 1.0, 2.0]]
+    assert selected.advantages.tolist() == [2.5, 0.5]  # one per row, not trimmed
+    assert selected.old_logprobs is None and len(selected) == 2
     # the trimmed rows give the same log-probs as the untrimmed ones
     model = load_causal_lm(str(tiny_model_dir), trainable=False)
     full = rollout.select(torch.tensor([2, 0]))

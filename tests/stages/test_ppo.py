@@ -11,10 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rlhf.data import RLHFDataModule
 from lightning_rlhf.models import LoraSpec, ModelSpec
-from lightning_rlhf.rollout import Rollout
+from lightning_rlhf.rollout import Experience, Rollout
 from lightning_rlhf.stages import GenerationSpec, PPOModule
 from lightning_rlhf.stages.common import OptimSpec
-from lightning_rlhf.stages.online import take
 
 GREAT = f"{__name__}.great_fraction"
 
@@ -109,8 +108,8 @@ def test_tokens_after_eos_get_no_gradient(tiny_model_dir, rm_dir):
     h1 = m.policy.lm_head.register_forward_hook(keep("logits"))
     h2 = m.critic.score.register_forward_hook(keep("values"))
     try:
-        mb, *tensors = take(rollout, torch.tensor([0, 1]), old_logprobs, old_values, advantages, returns)
-        loss, _ = m.ppo_loss(mb, *tensors)
+        exp = Experience(rollout, old_logprobs=old_logprobs, values=old_values, advantages=advantages, returns=returns)
+        loss, _ = m.ppo_loss(exp.select(torch.tensor([0, 1])))
         loss.backward()
     finally:
         h1.remove()
