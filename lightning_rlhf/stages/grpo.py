@@ -23,7 +23,15 @@ from typing import Literal
 
 import torch
 
-from ..core import aggregate_loss, flat_groups, group_centred, kl_penalty, masked_mean, masked_moments, registry
+from ..core import (
+    aggregate_loss,
+    flat_groups,
+    group_centred,
+    kl_penalty,
+    masked_mean,
+    masked_moments,
+    registry,
+)
 from ..models import ModelSpec
 from ..models.distributed import all_reduce
 from ..rollout import Rollout
