@@ -183,11 +183,13 @@ def build_assets(cfg: dict, out: Path, *, kinds: tuple[str, ...]) -> dict:
         return " ".join(rng.choice(words) for _ in range(n))
 
     seq, prompt_len = cfg["seq"], cfg["seq"] // 4
+    pair_prompt = pair_prompt_len(seq)
     n_records = cfg["batch"] * (cfg["warmup"] + cfg["steps"]) + cfg["batch"]
     data = {
         "sft": [{"prompt": text(prompt_len), "completion": " " + text(seq - prompt_len - 1)} for _ in range(n_records)],
         "preference": [
-            {"prompt": text(prompt_len), "chosen": " " + text(seq - prompt_len - 1), "rejected": " " + text(seq - prompt_len - 1)}
+            {"prompt": text(pair_prompt), "chosen": " " + text(seq - pair_prompt - 1),
+             "rejected": " " + text(seq - pair_prompt - 1)}
             for _ in range(n_records)
         ],
         "prompt": [{"prompt": text(cfg.get("prompt_len", prompt_len))} for _ in range(n_records)],
@@ -200,6 +202,11 @@ def build_assets(cfg: dict, out: Path, *, kinds: tuple[str, ...]) -> dict:
                 f.write(json.dumps(r) + "\n")
         paths[key] = str(path)
     return paths
+
+
+def pair_prompt_len(seq: int) -> int:
+    """Prompt tokens of a preference record (its chosen and rejected responses take the rest of ``seq``)."""
+    return seq // 2
 
 
 def matmul_params(model_dir: str) -> int:
