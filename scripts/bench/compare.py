@@ -72,7 +72,7 @@ def run(task: str, args: argparse.Namespace) -> dict:
         # prompt once, so P + 2R tokens instead of 2(P + R); tokens/s counts the pairs' tokens on every side.
         computed = tokens
         if s == "ours" and pairs == 2:
-            computed = cfg["batch"] * (2 * cfg["seq"] - pair_prompt_len(cfg["seq"]))
+            computed = cfg["batch"] * (2 * cfg["seq"] - pair_prompt_len(cfg))
         # MFU of each round against the matmul peak its own process measured around the training.
         mfus = [6 * n_params * computed / x["step_s"] / (peak_for(cfg["precision"], x["matmul_peak_tflops"]) * 1e12)
                 if "matmul_peak_tflops" in x else None for x in r]  # fmt: skip
@@ -122,6 +122,7 @@ def table(task: str, out: dict) -> str:
     online = task in ("grpo", "rloo")
     head = (f"{task}: h{cfg['hidden']}/{cfg['layers']} layers/V{cfg['vocab']}, batch {cfg['batch']}, seq {cfg['seq']}"
             + (f", {cfg['generations']} samples x {cfg['new_tokens']} new tokens, beta {cfg['beta']}" if online else "")
+            + (f" (prompt {pair_prompt_len(cfg)} tokens)" if task in ("reward", "dpo") else "")
             + f", precision {cfg['precision']}, {cfg['device']} x{cfg['threads']} threads, "
             f"{cfg['steps']} timed steps x {cfg['rounds']} rounds")  # fmt: skip
     cols = ["side", "s/step", "tokens/s", "MFU", "peak MiB", "peak - imports MiB", "first loss"]
