@@ -49,8 +49,11 @@ class SharedPrompt(NamedTuple):
     rejected_len: Tensor
 
 
-def share_prompt(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pad_value: int = 0) -> SharedPrompt:
-    """Shared rows from a right-padded preference batch of ``2B`` rows.
+def share_prompt(
+    input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pad_value: int = 0
+) -> SharedPrompt | None:
+    """Shared rows from a right-padded preference batch of ``2B`` rows; None when a pair has no prompt
+    (nothing to share, and no token to predict its completions' first tokens from: score rows apart).
 
     Args:
         input_ids: ``(2B, T)``; rows ``[:B]`` prompt + chosen, rows ``[B:]`` prompt + rejected of the
@@ -62,7 +65,7 @@ def share_prompt(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, p
 
     Raises:
         ValueError: an odd number of rows, a completion mask that is not the tail of the real tokens,
-            an empty prompt or completion, or a pair whose two rows have different prompts.
+            an empty completion, or a pair whose two rows have different prompts.
     """
     n, t = input_ids.shape
     if n % 2:
@@ -78,8 +81,10 @@ def share_prompt(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, p
     ):
         raise ValueError("share_prompt: rows must be right-padded with the completion mask covering their real tail")
     p = prompt[:b]
-    if bool((p != prompt[b:]).any()) or bool((p < 1).any()) or bool((completion < 1).any()):
-        raise ValueError("share_prompt: every pair needs the same non-empty prompt and non-empty completions")
+    if bool((p != prompt[b:]).any()) or bool((completion < 1).any()):
+        raise ValueError("share_prompt: every pair needs the same prompt and non-empty completions")
+    if bool((p < 1).any()):
+        return None
     differ = (input_ids[:b] != input_ids[b:]) & (col < p[:, None])  # (B, T)
     if bool(differ.any()):
         raise ValueError(f"share_prompt: pairs {differ.any(-1).nonzero().flatten().tolist()[:10]} have different prompts")

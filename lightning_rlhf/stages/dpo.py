@@ -192,9 +192,9 @@ class DPOModule(OfflineStageModule):
         self, model: torch.nn.Module, batch: dict
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`completion_logps` from one ``[prompt, chosen, rejected]`` row per pair (None: the
-        model's attention takes no custom mask)."""
+        model's attention takes no custom mask, or a pair has no prompt)."""
         shared = share_prompt(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        mask = shared_prompt_mask(model, attention_allowed(shared.segment))
+        mask = None if shared is None else shared_prompt_mask(model, attention_allowed(shared.segment))
         if mask is None:
             return None
         chosen_cols, rejected_cols, branch_col, branch_label = completion_columns(shared)  # (B, T'-1) x2, (B,) x2

@@ -99,7 +99,7 @@ class RewardModule(OfflineStageModule):
         """Scores of the chosen and rejected rows: ``(B,)`` each, fp32."""
         if self.share_prompt and "loss_mask" in batch:
             shared = share_prompt(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-            mask = shared_prompt_mask(self.model, attention_allowed(shared.segment))
+            mask = None if shared is None else shared_prompt_mask(self.model, attention_allowed(shared.segment))
             if mask is not None:
                 index = torch.stack(last_positions(shared), dim=1)  # (B, 2): last chosen, last rejected token
                 scores = last_token_scores(self.model, shared.input_ids, mask, shared.position_ids, index=index)

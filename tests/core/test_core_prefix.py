@@ -95,6 +95,11 @@ def test_additive_mask_is_zero_where_allowed_and_lowest_elsewhere():
     assert (m[~allowed] == torch.finfo(torch.float32).min).all()
 
 
+def test_a_pair_without_prompt_shares_nothing():
+    ids, mask, loss = preference_batch([([], [8, 9], [10]), ([5], [6], [7])])
+    assert share_prompt(ids, mask, loss) is None
+
+
 def test_bad_batches_raise():
     ids, mask, loss = preference_batch()
     other = ids.clone()
