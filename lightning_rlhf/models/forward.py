@@ -81,24 +81,21 @@ def sequence_logprobs(
     return logprobs, entropy
 
 
-SHARED_MASK_ATTENTION = ("sdpa", "eager")  # implementations that take a custom 4D mask from us
-
-
 def shared_prompt_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor | None:
     """A `(B, 1, T, T)` bool "may attend" mask in the form `model`'s attention takes, or None.
 
     transformers 5 passes a 4D `attention_mask` through unchanged (`masking_utils` returns it as
     is): sdpa takes it as bool (True = attend), eager adds it to the scores, so it gets an additive
     float mask in the model's dtype. Other implementations (flash-attention, flex) cannot take an
-    arbitrary mask: None, and the caller uses separate sequences instead; so for a model with
-    sliding-window layers whose window is shorter than the row.
+    arbitrary mask: None, and the caller scores separate sequences instead; None too when the
+    config's sliding window is shorter than the row (one mask for every layer would drop it).
     """
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(hf, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     window = getattr(config.get_text_config(), "sliding_window", None) if config is not None else None
     if window is not None and allowed.shape[-1] > window:
-        return None  # one mask for every layer would drop the sliding-window layers' window
+        return None
     if impl == "sdpa":
         return allowed
     if impl == "eager":
