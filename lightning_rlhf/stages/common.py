@@ -53,7 +53,7 @@ def build_optimizer(params, spec: OptimSpec, fused: bool = False) -> torch.optim
     elementwise ops per tensor on CPU: ~4x less optimiser time on the 512-hidden benchmark model),
     used when every parameter is a plain floating-point tensor on CPU or CUDA (else the default
     implementation, e.g. for FSDP2's DTensors). Lightning's Trainer refuses to clip the gradients of
-    a fused optimiser under a GradScaler (``16-mixed``): pass False there."""
+    a fused optimiser under its ``MixedPrecision`` plugin (``16-mixed`` and ``bf16-mixed``): pass False there."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -376,11 +376,21 @@ class OfflineStageModule(StageModule):
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
 
     def configure_optimizers(self):
-        plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
-        fused = getattr(plugin, "scaler", None) is None  # the Trainer clips no fused optimiser under a GradScaler
-        opt = build_optimizer(self.exported_model().parameters(), self.optim, fused=fused)
+        opt = build_optimizer(self.exported_model().parameters(), self.optim, fused=self._fused_adamw_ok())
         sched = build_scheduler(opt, self.optim, total_training_steps(self))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _fused_adamw_ok(self) -> bool:
+        """Whether the fused AdamW can be clipped here: under a Trainer whose precision is not mixed
+        (Lightning's ``MixedPrecision`` plugin refuses to clip a fused optimiser, bf16 too), or a Fabric
+        without a GradScaler. Unknown (no Trainer or Fabric attached yet): False."""
+        if self._trainer is not None:
+            from lightning.pytorch.plugins.precision import MixedPrecision
+
+            return not isinstance(self._trainer.precision_plugin, MixedPrecision)
+        if self._fabric is not None:
+            return getattr(getattr(self._fabric, "_precision", None), "scaler", None) is None
+        return False
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.optim.max_grad_norm
