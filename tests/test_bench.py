@@ -42,6 +42,9 @@ def test_every_example_is_exactly_seq_tokens_with_eos(assets):
         batch = next(iter(dm.train_dataloader()))
         assert batch["input_ids"].shape[-1] == CFG["seq"], kind  # no padding: every row is seq long
         assert bool(batch["attention_mask"].bool().all()), kind
+        if kind == "preference":  # the prompt (shared by chosen and rejected) is half of each example
+            prompt = (batch["loss_mask"] == 0).sum(-1)
+            assert prompt.tolist() == [common.pair_prompt_len(CFG)] * len(prompt) == [CFG["seq"] // 2] * len(prompt)
 
 
 def test_reference_differs_from_policy(assets):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lightning_rlhf.core.ops import entropy_from_logits, logprobs_from_logits
+from lightning_rlhf.core.prefix import additive_mask
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -78,3 +79,26 @@ def sequence_logprobs(
     logprobs = logprobs_from_logits(logits, labels, temperature=temperature)
     entropy = entropy_from_logits(logits, temperature=temperature) if return_entropy else None
     return logprobs, entropy
+
+
+def shared_prompt_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor | None:
+    """A `(B, 1, T, T)` bool "may attend" mask in the form `model`'s attention takes, or None.
+
+    transformers 5 passes a 4D `attention_mask` through unchanged (`masking_utils` returns it as
+    is): sdpa takes it as bool (True = attend), eager adds it to the scores, so it gets an additive
+    float mask in the model's dtype. Other implementations (flash-attention, flex) cannot take an
+    arbitrary mask: None, and the caller scores separate sequences instead; None too when the
+    config's sliding window is shorter than the row (one mask for every layer would drop it).
+    """
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(hf, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    window = getattr(config.get_text_config(), "sliding_window", None) if config is not None else None
+    if window is not None and allowed.shape[-1] > window:
+        return None
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        dtype = next(hf.parameters()).dtype
+        return additive_mask(allowed, dtype if dtype.is_floating_point else torch.float32)
+    return None

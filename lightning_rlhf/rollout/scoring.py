@@ -68,8 +68,13 @@ def last_token_scores(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scalar score of each sequence, read at its last real token: `(B, T)` -> `(B,)` fp32.
+
+    With `index` `(B, K)` long, the scores are read at those positions instead, `(B, K)` fp32
+    (several sequences in one row, e.g. the reward model's shared-prompt pairs); `attention_mask`
+    may then be any mask the model takes, such as a 4D one (pass `position_ids` with it).
 
     `model` is a one-label `AutoModelForSequenceClassification` (or a peft wrapper of one). The last
     real token is found from `attention_mask` (any padding layout), never from pad ids:
@@ -82,7 +87,10 @@ def last_token_scores(
     if position_ids is None:
         position_ids = default_position_ids(attention_mask)
     batch, length = input_ids.shape
-    last = length - 1 - attention_mask.long().flip(-1).argmax(-1)  # (B,) index of the last real token
+    if index is None:  # (B, 1) index of the last real token
+        last = (length - 1 - attention_mask.long().flip(-1).argmax(-1))[:, None]
+    else:
+        last = index
     head = _score_head(model)
     hf = _hf_model(model)
     pad_id = getattr(hf.config.get_text_config(), "pad_token_id", None)
@@ -91,7 +99,7 @@ def last_token_scores(
         hidden = hf.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, T, H)
-        per_token = head(hidden[torch.arange(batch, device=hidden.device), last])  # (B, L)
+        per_token = head(hidden[torch.arange(batch, device=hidden.device)[:, None], last])  # (B, K, L)
     else:
         captured: list[torch.Tensor] = []
         hook = head.register_forward_hook(lambda _m, _i, out: captured.append(out))
@@ -103,11 +111,12 @@ def last_token_scores(
             hook.remove()
         per_token = captured[-1]  # (B, T, L)
         per_token = per_token[
-            torch.arange(batch, device=per_token.device), last.to(per_token.device)
-        ]  # (B, L)
+            torch.arange(batch, device=per_token.device)[:, None], last.to(per_token.device)
+        ]  # (B, K, L)
     if per_token.shape[-1] != 1:
         raise ValueError(f"last_token_scores: the reward model has {per_token.shape[-1]} labels, expected 1")
-    return per_token[:, 0].float()
+    scores = per_token[..., 0].float()  # (B, K)
+    return scores[:, 0] if index is None else scores
 
 
 class RewardModelScorer:

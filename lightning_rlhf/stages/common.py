@@ -48,12 +48,27 @@ class OptimSpec:
     non-finite and the step (``StageModule.nonfinite_step``; every stage)."""
 
 
-def build_optimizer(params, spec: OptimSpec) -> torch.optim.Optimizer:
+def build_optimizer(params, spec: OptimSpec, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable ``params`` (no weight decay on 1-D ones).
+
+    ``fused``: torch's fused kernel (one pass over each parameter, where the default runs about ten
+    elementwise ops per tensor on CPU: ~4x less optimiser time on the 512-hidden benchmark model),
+    used when every parameter is a plain floating-point tensor on CPU or CUDA (else the default
+    implementation, e.g. for FSDP2's DTensors). Lightning's Trainer refuses to clip the gradients of
+    a fused optimiser under its ``MixedPrecision`` plugin (``16-mixed`` and ``bf16-mixed``): pass False there."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.learning_rate, betas=tuple(spec.betas))
+    fused = fused and bool(params) and all(_fusable(p) for p in params)
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=spec.learning_rate, betas=tuple(spec.betas), fused=fused or None
+    )
+
+
+def _fusable(p: torch.Tensor) -> bool:
+    plain = type(p) in (torch.Tensor, nn.Parameter)  # not a tensor subclass such as DTensor
+    return plain and p.is_floating_point() and p.device.type in ("cpu", "cuda")
 
 
 def lr_lambda(spec: OptimSpec, total_steps: int):
@@ -394,9 +409,21 @@ class OfflineStageModule(StageModule):
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
 
     def configure_optimizers(self):
-        opt = build_optimizer(self.exported_model().parameters(), self.optim)
+        opt = build_optimizer(self.exported_model().parameters(), self.optim, fused=self._fused_adamw_ok())
         sched = build_scheduler(opt, self.optim, total_training_steps(self))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _fused_adamw_ok(self) -> bool:
+        """Whether the fused AdamW can be clipped here: under a Trainer whose precision is not mixed
+        (Lightning's ``MixedPrecision`` plugin refuses to clip a fused optimiser, bf16 too), or a Fabric
+        without a GradScaler. Unknown (no Trainer or Fabric attached yet): False."""
+        if self._trainer is not None:
+            from lightning.pytorch.plugins.precision import MixedPrecision
+
+            return not isinstance(self._trainer.precision_plugin, MixedPrecision)
+        if self._fabric is not None:
+            return getattr(getattr(self._fabric, "_precision", None), "scaler", None) is None
+        return False
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.optim.max_grad_norm

@@ -1,7 +1,9 @@
 """Direct preference optimisation: DPO and its relatives (IPO, hinge, robust, SimPO), ORPO and RPO.
 
-One concatenated forward of the ``(2B, T)`` preference batch gives the policy's log-probs of the
-chosen (rows ``[:B]``) and rejected (rows ``[B:]``) completions; the reference's come from
+One forward gives the policy's log-probs of the chosen and rejected completions: by default one row
+``[prompt, chosen, rejected]`` per pair (``share_prompt``: the prompt is computed once, see
+:mod:`lightning_rlhf.core.prefix`), else the concatenated ``(2B, T)`` preference batch (chosen rows
+``[:B]``, rejected rows ``[B:]``). The reference's come from
 
 - the same weights with the LoRA adapter disabled (``with policy.disable_adapter():``) when the
   policy is a LoRA model: no second copy in memory;
@@ -24,9 +26,10 @@ from typing import Literal
 import torch
 
 from ..core.losses import dpo_loss, orpo_loss
-from ..core.ops import masked_sum
+from ..core.ops import logprobs_from_logits, masked_sum
+from ..core.prefix import attention_allowed, completion_columns, share_prompt
 from ..models import ModelSpec, as_spec, disable_dropout, is_peft, load_causal_lm
-from ..models.forward import sequence_logprobs
+from ..models.forward import sequence_logprobs, shared_prompt_mask
 from ..rollout.generate import eval_mode
 from .common import OfflineStageModule, OptimSpec
 
@@ -65,6 +68,10 @@ class DPOModule(OfflineStageModule):
             the start of fit, then free the reference, so training holds one model.
         disable_dropout: set every dropout of the policy and reference to 0 (as TRL does), so that
             the log-ratios are not dropout noise.
+        share_prompt: score each pair in one row ``[prompt, chosen, rejected]`` (the rejected tokens
+            attend to the prompt but not to the chosen ones; :mod:`lightning_rlhf.core.prefix`), so the
+            prompt goes through the policy and the reference once instead of twice. Same log-probs
+            up to float rounding. Needs sdpa or eager attention (else the pairs are scored apart).
         output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA model merged into its base (else the adapter folder).
     """
@@ -85,6 +92,7 @@ class DPOModule(OfflineStageModule):
         length_normalise: bool | None = None,
         precompute_ref_logps: bool = False,
         disable_dropout: bool = True,
+        share_prompt: bool = True,
         output_dir: str | None = None,
         merge_lora: bool = True,
     ):
@@ -109,6 +117,7 @@ class DPOModule(OfflineStageModule):
         )
         self.precompute_ref_logps = precompute_ref_logps
         self.disable_dropout = disable_dropout
+        self.share_prompt = share_prompt
         self.policy: torch.nn.Module | None = None
         # split -> (N, 2) fp32 summed reference log-probs of (chosen, rejected) by record index; NaN = missing
         self.ref_cache: dict[str, torch.Tensor] = {}
@@ -165,11 +174,42 @@ class DPOModule(OfflineStageModule):
 
     def completion_logps(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs of the completion tokens and their counts: ``(2B,)`` fp32, ``(2B,)``."""
+        if self.share_prompt:
+            out = self._shared_completion_logps(model, batch)
+            if out is not None:
+                return out
         kwargs = self._forward_kwargs(batch)
         keep = kwargs["logits_to_keep"]
         logps, _ = sequence_logprobs(model, **kwargs)  # (2B, keep): labels input_ids[:, T-keep:]
         mask = batch["loss_mask"][:, -keep:]  # (2B, keep)
         return masked_sum(logps, mask, dim=-1), mask.sum(-1).float()
+
+    def _shared_completion_logps(
+        self, model: torch.nn.Module, batch: dict
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`completion_logps` from one ``[prompt, chosen, rejected]`` row per pair (None: the
+        model's attention takes no custom mask, or a pair has no prompt)."""
+        shared = share_prompt(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        mask = None if shared is None else shared_prompt_mask(model, attention_allowed(shared.segment))
+        if mask is None:
+            return None
+        chosen_cols, rejected_cols, branch_col, branch_label = completion_columns(shared)  # (B, T'-1) x2, (B,) x2
+        first = int(branch_col.min())  # earliest next-token column scored: the LM head skips the rest
+        keep = shared.input_ids.shape[1] - 1 - first
+        logits = model(
+            input_ids=shared.input_ids,
+            attention_mask=mask,
+            position_ids=shared.position_ids,
+            use_cache=False,
+            logits_to_keep=keep + 1,
+        ).logits[:, :-1]  # (B, keep, V): next-token columns first .. T'-2
+        logps = logprobs_from_logits(logits, shared.input_ids[:, first + 1 :])  # (B, keep)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        branch = logprobs_from_logits(logits[rows, branch_col - first], branch_label)  # (B,) first rejected token
+        chosen = masked_sum(logps, chosen_cols[:, first:], dim=-1)
+        rejected = masked_sum(logps, rejected_cols[:, first:], dim=-1) + branch
+        counts = torch.cat([shared.chosen_len, shared.rejected_len]).float()
+        return torch.cat([chosen, rejected]), counts
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> torch.Tensor:

@@ -16,10 +16,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from ..core.losses import reward_loss
+from ..core.prefix import attention_allowed, last_positions, share_prompt
 from ..data import Encoder, Where, pad
 from ..data.records import is_conversational
 from ..evaluation import spearman
 from ..models import ModelSpec, as_spec, load_sequence_classifier
+from ..models.forward import shared_prompt_mask
 from ..rollout.generate import eval_mode
 from ..rollout.scoring import last_token_scores
 from .common import OfflineStageModule, OptimSpec
@@ -32,7 +34,8 @@ class RewardModule(OfflineStageModule):
     """Train a reward model on preference pairs.
 
     Batches come from ``RLHFDataModule`` with ``kind="preference"``: rows ``[:B]`` are prompt +
-    chosen, rows ``[B:]`` prompt + rejected, scored in one forward pass of ``2B`` rows.
+    chosen, rows ``[B:]`` prompt + rejected, scored in one forward pass: of ``B`` rows
+    ``[prompt, chosen, rejected]`` with ``share_prompt`` (the default), else of the ``2B`` rows.
     Runs under ``Trainer``/LightningCLI and in a user's Fabric loop (``configure_model()``,
     ``configure_optimizers()``, ``training_step(batch, i)``).
 
@@ -45,6 +48,10 @@ class RewardModule(OfflineStageModule):
         center_coef: weight of the reward-centering term ``mean((r_c + r_r) ** 2)`` (Eisenstein et
             al. 2023; TRL's ``center_rewards_coefficient``). 0: off.
         use_margin: subtract the batch's ``margin`` column from ``r_c - r_r`` in the loss (Llama 2).
+        share_prompt: score each pair in one row ``[prompt, chosen, rejected]`` (the rejected tokens
+            attend to the prompt but not to the chosen ones; :mod:`lightning_rlhf.core.prefix`): the
+            prompt goes through the model once instead of twice. Same scores up to float rounding.
+            Needs sdpa or eager attention (else the pairs are scored apart).
         output_dir: where the trained model is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA model merged into its base (else the adapter folder).
     """
@@ -58,6 +65,7 @@ class RewardModule(OfflineStageModule):
         optim: OptimSpec | None = None,
         center_coef: float = 0.0,
         use_margin: bool = True,
+        share_prompt: bool = True,
         output_dir: str | None = None,
         merge_lora: bool = True,
     ):
@@ -69,6 +77,7 @@ class RewardModule(OfflineStageModule):
         self.optim = optim or OptimSpec()
         self.center_coef = center_coef
         self.use_margin = use_margin
+        self.share_prompt = share_prompt
         self.model: torch.nn.Module | None = None
         self.train_accuracy = BinaryAccuracy()
         self.val_accuracy = BinaryAccuracy()
@@ -88,6 +97,13 @@ class RewardModule(OfflineStageModule):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of the chosen and rejected rows: ``(B,)`` each, fp32."""
+        if self.share_prompt and "loss_mask" in batch:
+            shared = share_prompt(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            mask = None if shared is None else shared_prompt_mask(self.model, attention_allowed(shared.segment))
+            if mask is not None:
+                index = torch.stack(last_positions(shared), dim=1)  # (B, 2): last chosen, last rejected token
+                scores = last_token_scores(self.model, shared.input_ids, mask, shared.position_ids, index=index)
+                return scores[:, 0], scores[:, 1]
         scores = last_token_scores(
             self.model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
         )  # (2B,)

@@ -19,7 +19,13 @@ GPU) that the worker's own process measures just before and just after its train
 two: on a shared machine the load changes by the minute). MFU is the median over rounds. Attention's
 own FLOPs (``QK^T`` and ``AV``: 12 * layers * hidden * seq per token for forward + backward) are NOT
 counted -- at seq 128 and hidden 512 they add about 2% -- and neither is the frozen reference model's
-forward of DPO / GRPO (model-FLOPs utilisation of the trained model only).
+forward of DPO / GRPO (model-FLOPs utilisation of the trained model only). For the reward model and
+DPO, tokens/s counts both sequences of every pair in full (``2 * seq`` per pair, the same on every
+side), while MFU counts the tokens a side computes: with ``share_prompt`` (ours, the default) the
+prompt once per pair (``2 * seq - prompt``), so MFU stays a utilisation, not a speed-up.
+
+Preference records have a prompt of ``--prompt-frac`` (default half) of the ``seq`` tokens; the
+reward and DPO comparisons also run ours with ``share_prompt`` off (side ``ours_apart``).
 """
 
 from __future__ import annotations
@@ -62,7 +68,9 @@ def add_common_args(p: argparse.ArgumentParser, *, batch: int = 4, seq: int = 12
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and Markdown results")
-    p.add_argument("--sides", default="ours,trl", help="comma-separated: ours, trl")
+    p.add_argument("--sides", default="ours,trl", help="comma-separated: ours, trl (reward/dpo: also ours_apart)")
+    p.add_argument("--prompt-frac", dest="prompt_frac", type=float, default=0.5,
+                   help="preference pairs: the prompt's share of each example's --seq tokens")  # fmt: skip
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -185,11 +193,13 @@ def build_assets(cfg: dict, out: Path, *, kinds: tuple[str, ...]) -> dict:
         return " ".join(rng.choice(words) for _ in range(n))
 
     seq, prompt_len = cfg["seq"], cfg["seq"] // 4
+    pair_prompt = pair_prompt_len(cfg)
     n_records = cfg["batch"] * (cfg["warmup"] + cfg["steps"]) + cfg["batch"]
     data = {
         "sft": [{"prompt": text(prompt_len), "completion": " " + text(seq - prompt_len - 1)} for _ in range(n_records)],
         "preference": [
-            {"prompt": text(prompt_len), "chosen": " " + text(seq - prompt_len - 1), "rejected": " " + text(seq - prompt_len - 1)}
+            {"prompt": text(pair_prompt), "chosen": " " + text(seq - pair_prompt - 1),
+             "rejected": " " + text(seq - pair_prompt - 1)}
             for _ in range(n_records)
         ],
         "prompt": [{"prompt": text(cfg.get("prompt_len", prompt_len))} for _ in range(n_records)],
@@ -202,6 +212,11 @@ def build_assets(cfg: dict, out: Path, *, kinds: tuple[str, ...]) -> dict:
                 f.write(json.dumps(r) + "\n")
         paths[key] = str(path)
     return paths
+
+
+def pair_prompt_len(cfg: dict) -> int:
+    """Prompt tokens of a preference record (its chosen and rejected responses take the rest of ``seq``)."""
+    return max(1, min(cfg["seq"] - 2, int(cfg["seq"] * cfg.get("prompt_frac", 0.5))))
 
 
 def matmul_params(model_dir: str) -> int:

@@ -15,6 +15,7 @@ from common import (
     matmul_params,
     matmul_peak,
     median_of,
+    pair_prompt_len,
     peak_for,
     settings,
     tmpdir,
@@ -36,6 +37,8 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
         p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (both sides)")
     else:
         add_common_args(p)
+    if task in ("reward", "dpo"):  # also ours with share_prompt off, side by side in the same run
+        p.set_defaults(sides="ours,ours_apart,trl")
     return p
 
 
@@ -65,13 +68,19 @@ def run(task: str, args: argparse.Namespace) -> dict:
     for s in sides:
         r = results[s]
         step = median_of(r, "step_s")
+        # MFU counts the tokens the model computes: with share_prompt (ours on pairs) each pair's
+        # prompt once, so P + 2R tokens instead of 2(P + R); tokens/s counts the pairs' tokens on every side.
+        computed = tokens
+        if s == "ours" and pairs == 2:
+            computed = cfg["batch"] * (2 * cfg["seq"] - pair_prompt_len(cfg))
         # MFU of each round against the matmul peak its own process measured around the training.
-        mfus = [6 * n_params * tokens / x["step_s"] / (peak_for(cfg["precision"], x["matmul_peak_tflops"]) * 1e12)
+        mfus = [6 * n_params * computed / x["step_s"] / (peak_for(cfg["precision"], x["matmul_peak_tflops"]) * 1e12)
                 if "matmul_peak_tflops" in x else None for x in r]  # fmt: skip
         f = {
             "step_s": step, "tokens_per_step": tokens, "tokens_per_s": tokens / step,
-            "mfu": median_of([{"m": m} for m in mfus], "m") or 6 * n_params * tokens / step / peak,
-            "mfu_vs_start_peak": 6 * n_params * tokens / step / peak, "peak_mib": median_of(r, "peak_mib"),
+            "computed_tokens_per_step": computed,
+            "mfu": median_of([{"m": m} for m in mfus], "m") or 6 * n_params * computed / step / peak,
+            "mfu_vs_start_peak": 6 * n_params * computed / step / peak, "peak_mib": median_of(r, "peak_mib"),
             "peak_minus_import_mib": median_of(r, "peak_minus_import_mib"), "first_loss": median_of(r, "first_loss"),
             "rounds": r,
         }  # fmt: skip
@@ -89,12 +98,21 @@ def run(task: str, args: argparse.Namespace) -> dict:
             "peak_mib": o["peak_mib"] / t["peak_mib"],
             "peak_minus_import_mib": o["peak_minus_import_mib"] / t["peak_minus_import_mib"],
         }  # fmt: skip
+        if "ours_apart" in figures:
+            a = figures["ours_apart"]
+            out["ours_apart_over_trl"] = {"tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"],
+                                          "step_time": a["step_s"] / t["step_s"]}  # fmt: skip
+            out["ours_over_ours_apart"] = {"step_time": o["step_s"] / a["step_s"]}
         if o["first_loss"] is not None and t["first_loss"] is not None:
             diff = abs(o["first_loss"] - t["first_loss"]) / abs(t["first_loss"])
             out["first_loss_check"] = {"ours": o["first_loss"], "trl": t["first_loss"], "rel_diff": diff,
                                        "rtol": LOSS_RTOL, "ok": diff <= LOSS_RTOL}  # fmt: skip
             print(f"[{task}] first-batch loss: ours {o['first_loss']:.6f}  TRL {t['first_loss']:.6f}  "
                   f"rel diff {diff:.2e} ({'OK' if diff <= LOSS_RTOL else 'MISMATCH'})")  # fmt: skip
+            a = figures.get("ours_apart", {}).get("first_loss")
+            if a is not None:
+                out["first_loss_check"]["ours_apart"] = a
+                out["first_loss_check"]["ok"] &= abs(a - t["first_loss"]) / abs(t["first_loss"]) <= LOSS_RTOL
     write_report(task, args.out, out, table(task, out))
     return out
 
@@ -104,6 +122,7 @@ def table(task: str, out: dict) -> str:
     online = task in ("grpo", "rloo")
     head = (f"{task}: h{cfg['hidden']}/{cfg['layers']} layers/V{cfg['vocab']}, batch {cfg['batch']}, seq {cfg['seq']}"
             + (f", {cfg['generations']} samples x {cfg['new_tokens']} new tokens, beta {cfg['beta']}" if online else "")
+            + (f" (prompt {pair_prompt_len(cfg)} tokens)" if task in ("reward", "dpo") else "")
             + f", precision {cfg['precision']}, {cfg['device']} x{cfg['threads']} threads, "
             f"{cfg['steps']} timed steps x {cfg['rounds']} rounds")  # fmt: skip
     cols = ["side", "s/step", "tokens/s", "MFU", "peak MiB", "peak - imports MiB", "first loss"]
@@ -111,7 +130,7 @@ def table(task: str, out: dict) -> str:
         cols[-1:] = ["generate s", "score s", "rest s", "mean response len"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for s, f in fig.items():
-        name = "lightning-rlhf" if s == "ours" else f"TRL {TRL_NAME[task]}"
+        name = {"ours": "lightning-rlhf", "ours_apart": "lightning-rlhf, share_prompt off"}.get(s, f"TRL {TRL_NAME[task]}")
         row = [name, fmt(f["step_s"]), fmt(f["tokens_per_s"], ".0f"), fmt(100 * f["mfu"], ".1f") + "%",
                fmt(f["peak_mib"], ".0f"), fmt(f["peak_minus_import_mib"], ".0f")]  # fmt: skip
         if online:
@@ -124,4 +143,7 @@ def table(task: str, out: dict) -> str:
         r = out["ours_over_trl"]
         lines += ["", f"ours/TRL: tokens/s {r['tokens_per_s']:.2f}x, step time {r['step_time']:.2f}x, "
                   f"peak memory {r['peak_mib']:.2f}x (minus imports {r['peak_minus_import_mib']:.2f}x)"]  # fmt: skip
+    if "ours_apart_over_trl" in out:
+        lines += [f"share_prompt off/TRL: tokens/s {out['ours_apart_over_trl']['tokens_per_s']:.2f}x; "
+                  f"share_prompt on/off step time {out['ours_over_ours_apart']['step_time']:.2f}x"]  # fmt: skip
     return "\n".join(lines)

@@ -42,7 +42,9 @@ def table(results: Path) -> str:
             loss = "-" if not check else f"{check['ours']:.5f} / {check['trl']:.5f} ({'same' if check['ok'] else 'DIFFERENT'})"
             cmp_rows.append(
                 f"| {name} vs TRL {TRL[name]} | h{s['hidden']}/{s['layers']}L/V{s['vocab']}, {shape}, {'fp32' if s['precision'] == '32' else s['precision']} "
-                f"| {f['ours']['tokens_per_s']:.0f} / {f['trl']['tokens_per_s']:.0f} (**{q['tokens_per_s']:.2f}x**) "
+                f"| {f['ours']['tokens_per_s']:.0f} / {f['trl']['tokens_per_s']:.0f} (**{q['tokens_per_s']:.2f}x**"
+                + (f"; share_prompt off {r['ours_apart_over_trl']['tokens_per_s']:.2f}x" if "ours_apart_over_trl" in r else "")
+                + ") "
                 f"| {q['step_time']:.2f}x | {_pct(f['ours']['mfu'])} / {_pct(f['trl']['mfu'])} "
                 f"| {f['ours']['peak_mib']:.0f} / {f['trl']['peak_mib']:.0f} ({q['peak_mib']:.2f}x; net {q['peak_minus_import_mib']:.2f}x) "
                 f"| {loss} | `{r['command']}` |"

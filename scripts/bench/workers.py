@@ -1,6 +1,7 @@
 """One benchmark side in this (fresh) process: ``python workers.py '<job json>'``.
 
-A job is ``{"task": sft|reward|dpo|grpo|rloo|ppo, "side": ours|trl, "cfg": {...}, "assets": {...}}``
+A job is ``{"task": sft|reward|dpo|grpo|rloo|ppo, "side": ours|ours_apart|trl, "cfg": {...}, "assets": {...}}``
+(``ours_apart``: reward model / DPO with ``share_prompt=False``)
 (see ``common.py``). Trains ``warmup + steps`` optimiser steps, times each step, and prints one JSON
 line: ``step_s`` (median timed step), ``step_times``, ``first_loss`` (loss of the first batch, before
 any update), ``peak_mib`` / ``peak_minus_import_mib`` (CPU RSS high-water mark; GPU allocator
@@ -92,9 +93,11 @@ def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
     if task == "sft":
         module, data = SFTModule(policy, optim=optim), assets["sft"]
     elif task == "reward":
-        module, data = RewardModule(assets["classifier"], optim=optim), assets["preference"]
+        module = RewardModule(assets["classifier"], optim=optim, share_prompt=cfg.get("share_prompt", True))
+        data = assets["preference"]
     elif task == "dpo":
-        module = DPOModule(assets["policy"], reference=assets["reference"], optim=optim, loss_type="sigmoid", beta=0.1)
+        module = DPOModule(assets["policy"], reference=assets["reference"], optim=optim, loss_type="sigmoid", beta=0.1,
+                           share_prompt=cfg.get("share_prompt", True))  # fmt: skip
         data = assets["preference"]
     else:
         from lightning_rlhf.rollout import GenerationSpec
@@ -356,7 +359,9 @@ def main() -> None:
     # load changes by the minute, and MFU is only meaningful against the peak of the same moment.
     before = matmul_peak(cfg["device"], cfg["threads"])
     base = current_rss_mib()
-    fn = {"ours": ours, "trl": trl_side, "trl_old": trl_ppo}[job["side"]]
+    if job["side"] == "ours_apart":  # ours with share_prompt off: the pairs' two rows scored apart
+        cfg = dict(cfg, share_prompt=False)
+    fn = {"ours": ours, "ours_apart": ours, "trl": trl_side, "trl_old": trl_ppo}[job["side"]]
     res = fn(job["task"], cfg, job["assets"], base)
     after = matmul_peak(cfg["device"], cfg["threads"])
     res["matmul_peak_tflops"] = {k: (before[k] + after[k]) / 2 for k in before}
