@@ -220,6 +220,9 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # A stage run without validation data: Lightning warns that the empty val loader list has length 0.
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    # PPO/GRPO have no validation_step (they are evaluated by sampling: PolicyEvaluation); Lightning
+    # warns whenever the data module defines val_dataloader at all, even when it returns no loader.
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
 
 
 def _quiet_loggers(trainer) -> None:

@@ -176,3 +176,18 @@ def test_generate_command_rejects_bad_options(tmp_path, capsys):
         main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: --model: model folder {tmp_path / 'nope'} does not exist")
+
+
+def test_quiet_drops_lightnings_val_loop_notice_and_nothing_else():
+    """PPO/GRPO have no validation_step and Lightning warns whenever the data module defines
+    val_dataloader (a notice in every online run); `quiet` drops that message only."""
+    import warnings
+
+    from lightning_rlhf import cli
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cli.quiet()
+        warnings.warn("You passed in a `val_dataloader` but have no `validation_step`. Skipping val loop.", UserWarning, stacklevel=1)
+        warnings.warn("a warning the user should see", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["a warning the user should see"]

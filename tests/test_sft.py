@@ -214,7 +214,7 @@ def test_fabric_loop_drives_training_step(tiny_model_dir, memo_sft_file):
             fabric.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0]
     # the Fabric-trained policy is the module's own: its loss on the data is the last one seen
     module.eval()
