@@ -270,11 +270,13 @@ _VOLATILE_ENV = {"_", "PWD", "OLDPWD", "SHLVL"}  # shell bookkeeping; the workin
 
 
 def help_request(args: list[str]) -> bool:
-    """True for a pure help request, ``<command> -h|--help`` or ``<command> --<key>.help <class>``: its
-    output depends on no file named on the command line (no ``--config``), only on code and environment."""
+    """True for a pure help request, ``<command> -h|--help`` or ``<command> --<key>.help <class>`` of one
+    of this package's classes: its output depends on no file named on the command line (no ``--config``)
+    and on no user module (whose source the key does not stamp), only on code and environment."""
     if len(args) == 2 and args[1] in ("-h", "--help"):
         return True
-    return len(args) == 3 and args[1].startswith("--") and args[1].endswith(".help") and not os.path.exists(args[2])
+    ours = "." not in args[2] or args[2].startswith("lightning_rlhf.") if len(args) == 3 else False
+    return ours and args[1].startswith("--") and args[1].endswith(".help") and not os.path.exists(args[2])
 
 
 def _stamp_tree(root: str, out: list) -> None:

@@ -73,6 +73,9 @@ def test_only_plain_help_requests_are_cached(tmp_path):
     (tmp_path / "cfg.yaml").write_text("{}")
     assert not help_request(["fit", "--trainer.callbacks.help", str(tmp_path / "cfg.yaml")])
     assert not help_request(["fit", "--trainer.max_steps", "3"])
+    # a user's class: its source is not in the key, so its help is never cached
+    assert help_request(["fit", "--model.help", "lightning_rlhf.stages.SFTModule"])
+    assert not help_request(["fit", "--model.help", "my_project.stages.MyStage"])
 
 
 def test_help_key_changes_with_what_determines_the_text(tmp_path, monkeypatch):
