@@ -96,7 +96,8 @@ class GRPOModule(OnlineRLModule):
             (Dr. GRPO, normalised by ``generation.max_new_tokens``).
         beta: KL coefficient to the reference (the initial one with ``kl_target``). 0: no KL and no
             reference model is loaded at all.
-        kl_in_reward: subtract ``beta * sum_t KL_t`` (estimated on the rollout's sampled log-probs)
+        kl_in_reward: subtract ``beta * sum_t KL_t`` (on the sampling policy's log-probs;
+            the trainer's forward with the vllm engine)
             from each sequence reward before the group advantages, instead of adding
             ``beta * KL`` to the loss.
         kl_estimator: per-token KL estimator; ``k3`` as in GRPO (unbiased, non-negative).
@@ -196,12 +197,8 @@ class GRPOModule(OnlineRLModule):
         with self.timed("forward"):
             ref_logprobs = self.reference_logprobs(rollout)  # None when beta == 0
             old_logprobs = self.old_logprobs(rollout)  # None: logprobs.detach() of the training forward
-        # per-token KL of the rollout, from the log-probs recorded while sampling (no extra forward)
-        kl = (
-            None
-            if ref_logprobs is None
-            else kl_penalty(rollout.logprobs, ref_logprobs, self.kl_estimator, mask)
-        )
+            behaviour = self.behaviour_logprobs(rollout, old_logprobs, ref_logprobs)
+        kl = None if ref_logprobs is None else kl_penalty(behaviour, ref_logprobs, self.kl_estimator, mask)
         rewards = self.sequence_rewards(scores.rewards, kl, mask)
         advantages = self.advantages(rewards, has_rows)
         exp = Experience(rollout, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rewards=rewards, kl=kl,
@@ -273,6 +270,20 @@ class GRPOModule(OnlineRLModule):
         if self.num_iterations == 1 and one_step:
             return None
         return self.rollout_logprobs(rollout)
+
+    def behaviour_logprobs(
+        self, rollout: Rollout, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``(N, R)`` log-probs of the sampling policy that the rollout's per-token KL is taken from.
+
+        Those recorded while sampling (no extra forward), unless they are not the trainer's (the vllm
+        engine: bf16 kernels, weights possibly ``sync_every`` steps old) and the KL steers training
+        (``kl_in_reward`` or ``kl_target``): then the trainer's (``old_logprobs``, or one no-grad
+        forward). Otherwise the engine's log-probs only enter the logged ``rollout/kl``."""
+        steers = ref_logprobs is not None and (self.kl_in_reward or self.kl_target is not None)
+        if not steers or self.generation.engine == "hf":
+            return rollout.logprobs
+        return self.rollout_logprobs(rollout) if old_logprobs is None else old_logprobs
 
     # ----------------------------------------------------------------------------- advantages
 

@@ -153,3 +153,43 @@ def test_the_vllm_demo_config_parses(repo_root, policy_dir):
     gen = cli.model.generation
     assert isinstance(cli.model, GRPOModule) and gen.engine == "vllm" and isinstance(gen.vllm, VLLMSpec)
     assert gen.vllm.dtype == "float32" and cli.model.tis_cap == 2.0
+
+
+def test_grpo_kl_in_reward_uses_the_trainers_logprobs_not_the_engines(policy_dir, repo_root, tmp_path):
+    """A bf16 engine's sampling log-probs are off the trainer's by ~1e-3..1e-2: the KL subtracted from the
+    rewards (``kl_in_reward``) must be the trainer's (policy vs reference), not the engine's."""
+    from lightning_rlhf.core.advantages import kl_penalty
+
+    module = GRPOModule(
+        policy=str(policy_dir),
+        reward_functions=["lightning_rlhf.demo.rewards.sentiment_exact_match"],
+        num_generations=4,
+        beta=0.1,
+        kl_in_reward=True,
+        kl_estimator="k1",  # linear in the log-probs: an engine/trainer gap shows up as is
+        generation=GenerationSpec(max_new_tokens=4, engine="vllm", vllm=VLLMSpec(**{**ENGINE.__dict__,
+                                                                                   "dtype": "bfloat16"})),
+        optim=OptimSpec(learning_rate=1e-3, scheduler="constant"),
+        log_samples_every_n_steps=0,
+    )  # fmt: skip
+    seen: list[dict] = []
+    reference_logprobs, sequence_rewards = module.reference_logprobs, module.sequence_rewards
+
+    def spy_reference(rollout):
+        ref = reference_logprobs(rollout)  # before this rollout's update: the policy that sampled it
+        seen.append({"rollout": rollout, "ref": ref, "trainer": module.policy_logprobs(rollout)})
+        return ref
+
+    def spy_rewards(scores, kl, mask):
+        seen[-1]["kl"] = kl
+        return sequence_rewards(scores, kl, mask)
+
+    module.reference_logprobs, module.sequence_rewards = spy_reference, spy_rewards
+    fit(module, sentiment_prompts(repo_root, tmp_path, 4), batch_size=2, epochs=1)
+    assert len(seen) == 2
+    for s in seen:
+        mask = s["rollout"].response_mask
+        trainer_kl = kl_penalty(s["trainer"], s["ref"], module.kl_estimator, mask)
+        engine_kl = kl_penalty(s["rollout"].logprobs, s["ref"], module.kl_estimator, mask)
+        torch.testing.assert_close(s["kl"], trainer_kl, atol=1e-5, rtol=1e-4)
+        assert (engine_kl - trainer_kl).abs().max() > 1e-3  # the engine's differ: the test can tell
