@@ -360,6 +360,18 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
 
+    def _fused_adamw_ok(self) -> bool:
+        """Whether the fused AdamW can be clipped here: under a Trainer whose precision is not mixed
+        (Lightning's ``MixedPrecision`` plugin refuses to clip a fused optimiser, bf16 too), or a Fabric
+        without a GradScaler. Unknown (no Trainer or Fabric attached yet): False."""
+        if self._trainer is not None:
+            from lightning.pytorch.plugins.precision import MixedPrecision
+
+            return not isinstance(self._trainer.precision_plugin, MixedPrecision)
+        if self._fabric is not None:
+            return getattr(getattr(self._fabric, "_precision", None), "scaler", None) is None
+        return False
+
     def throughput(self, n_tokens: int) -> float | None:
         """Tokens per second since the previous call (None on the first)."""
         now = time.perf_counter()
@@ -412,18 +424,6 @@ class OfflineStageModule(StageModule):
         opt = build_optimizer(self.exported_model().parameters(), self.optim, fused=self._fused_adamw_ok())
         sched = build_scheduler(opt, self.optim, total_training_steps(self))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _fused_adamw_ok(self) -> bool:
-        """Whether the fused AdamW can be clipped here: under a Trainer whose precision is not mixed
-        (Lightning's ``MixedPrecision`` plugin refuses to clip a fused optimiser, bf16 too), or a Fabric
-        without a GradScaler. Unknown (no Trainer or Fabric attached yet): False."""
-        if self._trainer is not None:
-            from lightning.pytorch.plugins.precision import MixedPrecision
-
-            return not isinstance(self._trainer.precision_plugin, MixedPrecision)
-        if self._fabric is not None:
-            return getattr(getattr(self._fabric, "_precision", None), "scaler", None) is None
-        return False
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.optim.max_grad_norm

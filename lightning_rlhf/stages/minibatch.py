@@ -33,7 +33,7 @@ class MinibatchOptimisation:
 
     def build_actor_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """AdamW on ``trainable_parameters()`` with the ``optim`` schedule over rollout steps."""
-        opt = build_optimizer(self.trainable_parameters(), self.optim)
+        opt = build_optimizer(self.trainable_parameters(), self.optim, fused=self._fused_adamw_ok())
         return opt, build_scheduler(opt, self.optim, self.total_rollout_steps())
 
     def total_rollout_steps(self) -> int:

@@ -184,7 +184,7 @@ class PPOModule(OnlineRLModule):
 
     def configure_optimizers(self):
         actor_opt, actor_sched = self.build_actor_optimizer()
-        critic_opt = build_optimizer(self.critic_parameters(), self.critic_optim)
+        critic_opt = build_optimizer(self.critic_parameters(), self.critic_optim, fused=self._fused_adamw_ok())
         critic_sched = build_scheduler(critic_opt, self.critic_optim, self.total_rollout_steps())
         self._schedulers = [actor_sched, critic_sched]
         return [actor_opt, critic_opt], [actor_sched, critic_sched]

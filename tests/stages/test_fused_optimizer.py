@@ -1,5 +1,5 @@
-"""The offline stages' AdamW is torch's fused kernel (fewer passes over the parameters): the same
-update as the default implementation, and off under mixed precision, where the Trainer clips no fused optimiser."""
+"""Every stage's AdamW is torch's fused kernel (fewer passes over the parameters): the same update as
+the default implementation, and off under mixed precision, where the Trainer clips no fused optimiser."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_rlhf.data import RLHFDataModule
-from lightning_rlhf.stages import RewardModule
+from lightning_rlhf.rollout import GenerationSpec
+from lightning_rlhf.stages import PPOModule, RewardModule
 from lightning_rlhf.stages.common import OptimSpec, build_optimizer
 
 
@@ -54,3 +55,27 @@ def test_offline_stage_uses_fused_adamw_except_under_mixed_precision(rm_dir, pre
         t = _fit(RewardModule(str(rm_dir), optim=opt), pref_file, **kw)  # clips every step
         assert not t.optimizers[0].defaults["fused"]
         assert t.global_step == 2
+
+
+def great_fraction(prompts, completions, **_):
+    return [c.split().count("great") / max(1, len(c.split())) for c in completions]
+
+
+def test_online_stage_uses_fused_adamw_for_actor_and_critic_except_under_mixed_precision(
+    tiny_model_dir, prompt_file
+):
+    def fit(**kw) -> tuple[L.Trainer, PPOModule]:
+        opt = OptimSpec(learning_rate=1e-3, max_grad_norm=0.5, scheduler="constant")
+        module = PPOModule(policy=str(tiny_model_dir), reward_functions=[great_fraction], critic_init="policy",
+                           optim=opt, critic_optim=opt, generation=GenerationSpec(max_new_tokens=4),
+                           ppo_epochs=1, log_samples_every_n_steps=0)  # fmt: skip
+        t = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)  # fmt: skip
+        t.fit(module, RLHFDataModule(str(prompt_file), batch_size=2, shuffle=False))
+        assert module._policy_version == 1  # one actor step, clipped
+        return t, module
+
+    t, _ = fit()
+    assert [o.defaults["fused"] for o in t.optimizers] == [True, True]  # actor, critic
+    t, _ = fit(precision="bf16-mixed")  # the Trainer clips the (unfused) optimisers
+    assert not any(o.defaults["fused"] for o in t.optimizers)
