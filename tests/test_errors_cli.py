@@ -159,13 +159,17 @@ def test_every_stage_accepts_dicts_for_its_specs(demo_dir):
 
 
 def test_a_misspelled_spec_key_from_python_names_it(demo_dir):
-    from lightning_rlhf.stages import SFTModule
+    from lightning_rlhf.stages import GRPOModule, RewardModule, SFTModule
 
     with pytest.raises(ConfigError, match=r"SFTModule optim: unknown option 'learning_rat' for OptimSpec; "
                                           r"did you mean learning_rate\?"):
         SFTModule(policy=str(demo_dir), optim={"learning_rat": 1e-5})
     with pytest.raises(ConfigError, match=r"SFTModule policy.lora: unknown option 'rank' for LoraSpec"):
         SFTModule(policy={"path": str(demo_dir), "lora": {"rank": 4}})
+    # a spec dict without its path: named, before the tokenizer or model is looked for
+    for stage, arg in ((SFTModule, "policy"), (RewardModule, "model"), (GRPOModule, "policy")):
+        with pytest.raises(ConfigError, match=rf"^{stage.__name__} {arg}.path is empty: name a model folder"):
+            stage(**{arg: {"lora": {"r": 4}}})
 
 
 def test_model_paths_are_checked(tmp_path, demo_dir, monkeypatch):
