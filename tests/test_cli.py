@@ -202,3 +202,28 @@ def test_quiet_drops_lightnings_val_loop_notice_and_nothing_else():
         warnings.warn("another_parameter was deprecated in v9", UserWarning, stacklevel=1)
         warnings.warn("a warning the user should see", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["another_parameter was deprecated in v9", "a warning the user should see"]
+
+
+@pytest.mark.slow
+def test_a_normal_run_prints_no_scary_noise(tmp_path, memo_sft_file):
+    """A plain ``lightning-rlhf fit`` of the demo SFT YAML (W&B logger, offline) in a fresh process, as a user
+    runs it: none of the notices the issue listed (bitsandbytes' gemm_4bit kernel load although nothing is
+    quantised, W&B's "anonymous" setting, Lightning's logger tips, jsonargparse's skip_none deprecation)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "LIGHTNING_RLHF_HELP_CACHE": "0"}
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_rlhf.cli", "fit", "--config", str(SFT_YAML), "--trainer.max_steps", "2",
+         "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0",
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+         "--model.init_args.output_dir", str(tmp_path / "out"),
+         "--data.train_files", str(memo_sft_file), "--data.val_files", str(memo_sft_file)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "runs" / "wandb").exists()
+    for noise in ("gemm_4bit", "kernels-community", "anonymous", "💡", "litlogger", "skip_none", "Traceback"):
+        assert noise not in text, f"{noise!r} in:\n{text}"
