@@ -175,9 +175,13 @@ def _read_parquet(path: str) -> tuple[list[dict], list[Where]]:
 
 
 def _open_parquet(path: str):
+    """The Arrow table of a Parquet file, read batch by batch: ``pq.read_table`` peaks at about 5x the
+    table's size while decoding a large row group, batches at about 2.5x (``scripts/bench_data_memory.py``)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, memory_map=True)
+    f = pq.ParquetFile(path, memory_map=True)
+    return pa.Table.from_batches(list(f.iter_batches(batch_size=1024, use_threads=False)), schema=f.schema_arrow)
 
 
 def _read_dataset_folder(path: str, split: str | None) -> tuple[list[dict], list[Where]]:
@@ -358,6 +362,7 @@ class JsonArrayRecords:
         except UnicodeDecodeError:
             return None
         ascii_only = len(text) == len(raw)  # then character offsets are byte offsets
+        del raw  # the text only from here on
         decoder, ws = json.JSONDecoder(), _WHITESPACE.match
         offsets, sizes = array("q"), array("I")
         pos = ws(text, 0).end()
