@@ -266,6 +266,16 @@ class _DropTips:
         return not str(record.getMessage()).startswith("💡")
 
 
+class _DropStartingWith:
+    """Drop the log records whose message starts with ``prefix``; keep the rest."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
 def quiet() -> None:
     """Silence noise that says nothing about the run, on purpose and by exact message."""
     import logging
@@ -275,6 +285,11 @@ def quiet() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
+    # bitsandbytes (which peft imports in every LoRA run, quantised or not) tries to fetch an optional CPU kernel
+    # from the Hub when it is imported and warns when the `kernels` package is missing; it then uses its own.
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropStartingWith) for f in bnb.filters):
+        bnb.addFilter(_DropStartingWith("Failed to load CPU gemm_4bit_forward from kernels-community"))
     # Lightning's own use of a torch API that torch deprecated; nothing a user can change.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # A stage run without validation data: Lightning warns that the empty val loader list has length 0.

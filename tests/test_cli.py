@@ -205,10 +205,12 @@ def test_quiet_drops_lightnings_val_loop_notice_and_nothing_else():
 
 
 @pytest.mark.slow
-def test_a_normal_run_prints_no_scary_noise(tmp_path, memo_sft_file):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_normal_run_prints_no_scary_noise(tmp_path, memo_sft_file, lora):
     """A plain ``lightning-rlhf fit`` of the demo SFT YAML (W&B logger, offline) in a fresh process, as a user
     runs it: none of the notices the issue listed (bitsandbytes' gemm_4bit kernel load although nothing is
-    quantised, W&B's "anonymous" setting, Lightning's logger tips, jsonargparse's skip_none deprecation)."""
+    quantised, W&B's "anonymous" setting, Lightning's logger tips, jsonargparse's skip_none deprecation).
+    With LoRA, peft is imported, and peft imports bitsandbytes."""
     import os
     import subprocess
     import sys
@@ -219,7 +221,8 @@ def test_a_normal_run_prints_no_scary_noise(tmp_path, memo_sft_file):
          "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0",
          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
          "--model.init_args.output_dir", str(tmp_path / "out"),
-         "--data.train_files", str(memo_sft_file), "--data.val_files", str(memo_sft_file)],
+         "--data.train_files", str(memo_sft_file), "--data.val_files", str(memo_sft_file),
+         *(["--model.init_args.policy.lora", "{r: 4}"] if lora else [])],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     text = out.stdout + out.stderr
