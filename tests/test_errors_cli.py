@@ -128,6 +128,20 @@ def test_a_bad_or_missing_config_file_is_named(capsys, tmp_path):
         assert err.splitlines()[0] == expected, err
 
 
+@pytest.mark.parametrize("option", ["reward_functions", "diagnostic_functions"])
+def test_an_unknown_reward_function_is_one_line_before_anything_is_created(capsys, tmp_path, demo_dir, option):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(REPO / "configs" / "demo" / "grpo_sentiment.yaml"),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "wandb_runs"),
+              "--model.init_args.output_dir", str(tmp_path / "out"),
+              "--model.init_args.policy.path", str(demo_dir),
+              f"--model.init_args.{option}", "[lightning_rlhf.demo.rewards.no_such_reward]"])
+    assert_clean(exit_.value.code, capsys.readouterr().err, tmp_path,
+                 "error: reward function 'lightning_rlhf.demo.rewards.no_such_reward': module "
+                 "'lightning_rlhf.demo.rewards' has no callable 'no_such_reward'")
+
+
 def test_wrong_type_names_the_option(capsys, tmp_path):
     code, err = run_fit(capsys, tmp_path, "--model.init_args.optim.learning_rate", "abc")
     assert_clean(code, err, tmp_path, "model.optim.learning_rate: Expected a <class 'float'>. Got value: abc")
