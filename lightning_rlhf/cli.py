@@ -71,10 +71,73 @@ def _option_names(class_path: str) -> list[str]:
         return []
     if is_dataclass(cls):
         return [f.name for f in fields(cls)]
-    try:
-        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-    except (TypeError, ValueError):
+    if not isinstance(cls, type):
         return []
+    names: list[str] = []
+    for klass in cls.__mro__:  # a subclass's **kwargs reach its base's parameters (PPOModule -> OnlineRLModule)
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            params = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            break
+        names += [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                  and p.name != "self" and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+_GROUP_CLASSES = {"data": "lightning_rlhf.data.RLHFDataModule", "trainer": "lightning.pytorch.Trainer"}
+
+
+def _unrecognized(message: str, argv: list[str]) -> str | None:
+    """``unrecognized arguments: --x.y`` (a stage's, the data module's or the Trainer's option) -> the option
+    as the user wrote it, with close matches from the class that rejected it."""
+    found = re.search(r"unrecognized arguments: --([\w.]+)", message)
+    if not found:
+        return None
+    key = found.group(1).split("=", 1)[0]
+    group = re.match(r"\s*(?:Parser key \"(\w+)\"|(\w+):)", message)
+    group = (group.group(1) or group.group(2)) if group else None
+    class_paths = re.findall(r"Problem with given class_path '([^']+)'", message)
+    if group is None and "." in key:  # top level: --data.batch_sise
+        group, key = key.split(".", 1)
+    bad = key.split(".")[0]
+    if class_paths:
+        owner, names = class_paths[-1].rsplit(".", 1)[-1], _option_names(class_paths[-1])
+    elif group in _GROUP_CLASSES:
+        owner, names = _GROUP_CLASSES[group].rsplit(".", 1)[-1], _option_names(_GROUP_CLASSES[group])
+    elif group == "model":  # no class named: any stage's options
+        from . import stages
+
+        owner, names = None, sorted({n for c in stages.__all__ for n in _option_names(f"lightning_rlhf.stages.{c}")})
+    else:
+        owner, names = None, []
+    flag = next((a.split("=", 1)[0] for a in argv if a.startswith(f"--{group}.") and
+                 a.split("=", 1)[0].endswith(f".{key}")), f"--{group}.{key}" if group else f"--{key}")
+    close = difflib.get_close_matches(bad, names, n=3, cutoff=0.6)
+    line = f"option '{flag}' is not accepted" + (f" by {owner}" if owner else "")
+    if close:
+        line += f"; did you mean {' or '.join(close)}?"
+    return line
+
+
+def _config_problem(message: str, argv: list[str]) -> str | None:
+    """A ``--config`` file that does not exist or is not valid YAML -> one line naming the file."""
+    missing = re.search(r"Parser key \"(config|c)\": File does not exist: '([^']+)'", message)
+    if missing:
+        return f"--config: {missing.group(2)} does not exist"
+    if not message.startswith("Problems parsing config"):
+        return None
+    detail = " ".join(ln.strip() for ln in message.split(":", 1)[1].splitlines() if ln.strip())
+    where = re.search(r'in "<unicode string>", line (\d+), column (\d+)', detail)
+    detail = re.sub(r'\s*in "<unicode string>", line \d+, column \d+', "", detail).strip()
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    name = configs[-1] if len(configs) == 1 else "a --config file"
+    at = f" at line {where.group(1)}, column {where.group(2)}" if where else ""
+    return f"{name}: not valid YAML{at}: {detail}"
 
 
 def condense_parse_error(message: str, argv: list[str]) -> str:
@@ -96,21 +159,9 @@ def condense_parse_error(message: str, argv: list[str]) -> str:
         elif names:
             line += f" (its options: {', '.join(names)})"
         return line
-    unrecognized = re.search(r"^(\w+): unrecognized arguments: --([\w.]+)", message.strip())
-    if unrecognized:
-        group, key = unrecognized.groups()
-        bad = key.split("=", 1)[0].split(".")[0]
-        names: set[str] = set()
-        if group == "model":
-            from . import stages
-
-            for cls_name in getattr(stages, "__all__", []):
-                names.update(_option_names(f"lightning_rlhf.stages.{cls_name}"))
-        elif group == "data":
-            names.update(_option_names("lightning_rlhf.data.RLHFDataModule"))
-        close = difflib.get_close_matches(bad, sorted(names), n=3, cutoff=0.6)
-        line = f"{group}: option '{bad}' is not accepted (in --{group}.{key})"
-        return line + (f"; did you mean {' or '.join(close)}?" if close else "")
+    line = _unrecognized(message, argv) or _config_problem(message, argv)
+    if line:
+        return line
     keys = re.findall(r'Parser key "([^"]+)"', message)
     lines = [ln.strip(" -") for ln in message.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("Parser key") and not any(n in ln for n in UNION_NOISE)]
@@ -159,8 +210,10 @@ def _cli_class():
             out = getattr(pl_module, "output_dir", None)
             if out:
                 os.makedirs(out, exist_ok=True)
-                self.parser.save(self.config, os.path.join(out, "fit_config.yaml"), skip_none=False,
-                                 overwrite=True, multifile=self.multifile)
+                # keep None values; jsonargparse 4.49 renamed skip_none (now deprecated, with a warning) to skip_unset
+                keep = {"skip_unset" if _jsonargparse_version() >= (4, 49) else "skip_none": False}
+                self.parser.save(self.config, os.path.join(out, "fit_config.yaml"), overwrite=True,
+                                 multifile=self.multifile, **keep)
 
     class RLHFCLI(LightningCLI):
         """LightningCLI with the stage modules as subclasses of ``LightningModule``; the data is read and
@@ -200,11 +253,27 @@ def _cli_class():
     return RLHFCLI
 
 
+def _jsonargparse_version() -> tuple[int, ...]:
+    import jsonargparse
+
+    return tuple(int(x) for x in re.findall(r"\d+", jsonargparse.__version__)[:2])
+
+
 class _DropTips:
     """Drop Lightning's advertising tips ("💡 Tip: ... litlogger") from its info log; keep the rest."""
 
     def filter(self, record) -> bool:
         return not str(record.getMessage()).startswith("💡")
+
+
+class _DropStartingWith:
+    """Drop the log records whose message starts with ``prefix``; keep the rest."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
 
 
 def quiet() -> None:
@@ -216,6 +285,11 @@ def quiet() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
+    # bitsandbytes (which peft imports in every LoRA run, quantised or not) tries to fetch an optional CPU kernel
+    # from the Hub when it is imported and warns when the `kernels` package is missing; it then uses its own.
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropStartingWith) for f in bnb.filters):
+        bnb.addFilter(_DropStartingWith("Failed to load CPU gemm_4bit_forward from kernels-community"))
     # Lightning's own use of a torch API that torch deprecated; nothing a user can change.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # A stage run without validation data: Lightning warns that the empty val loader list has length 0.
@@ -223,6 +297,9 @@ def quiet() -> None:
     # PPO/GRPO have no validation_step (they are evaluated by sampling: PolicyEvaluation); Lightning
     # warns whenever the data module defines val_dataloader at all, even when it returns no loader.
     warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+    # LightningCLI dumps its config with jsonargparse's skip_none, which jsonargparse 4.49 renamed skip_unset:
+    # a deprecation notice on every run, from Lightning's code (lightning/pytorch/cli.py).
+    warnings.filterwarnings("ignore", message=r"(?s).*skip_none parameter was deprecated")
 
 
 def _quiet_loggers(trainer) -> None:

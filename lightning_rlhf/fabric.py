@@ -167,6 +167,7 @@ class FabricRunner:
         self.step = 0  # training batches done
         self.epoch = 0
         self.batch_in_epoch = 0
+        self._train_loader = None  # the loader being trained on; its state_dict is the data position
 
     # --------------------------------------------------------------------------------- set-up
 
@@ -203,9 +204,8 @@ class FabricRunner:
         module.setup("fit")
         raw_loader = datamodule.train_dataloader()
         loader = fabric.setup_dataloaders(raw_loader)
-        if hasattr(datamodule, "_train_loader"):
-            # Fabric rebuilt the loader with a DistributedSampler: the data module's state is that one's
-            datamodule._train_loader = loader._dataloader
+        # Fabric may have rebuilt the loader (with a DistributedSampler): the position saved is that one's
+        self._train_loader = loader._dataloader
         per_epoch = self.batches_per_epoch(loader)
         planned = per_epoch * self.max_epochs if self.max_epochs is not None else math.inf
         if self.max_steps >= 0:
@@ -286,7 +286,8 @@ class FabricRunner:
         for k, opt in enumerate(opts):
             state[f"optimizer_{k}"] = opt
         state["loop"] = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-        state["data"] = datamodule.state_dict() if hasattr(datamodule, "state_dict") else {}
+        loader = self._train_loader
+        state["data"] = loader.state_dict() if hasattr(loader, "state_dict") else {}
         if hasattr(module, "online_state_dict"):
             state["online"] = module.online_state_dict()
         if hasattr(module, "nonfinite_skipped"):
@@ -304,8 +305,8 @@ class FabricRunner:
         self.fabric.load(path, state)
         loop = state["loop"]
         self.step, self.epoch, self.batch_in_epoch = int(loop["step"]), int(loop["epoch"]), int(loop["batch_in_epoch"])
-        if state.get("data") and hasattr(datamodule, "load_state_dict"):
-            datamodule.load_state_dict(state["data"])
+        if state.get("data") and hasattr(self._train_loader, "load_state_dict"):
+            self._train_loader.load_state_dict(state["data"])
         if "online" in state:
             module.load_online_state_dict(state["online"])
         if "nonfinite_skipped" in state:

@@ -3,10 +3,11 @@
     OMP_NUM_THREADS=1 python scripts/bench_cli_help.py --runs 5
 
 Each row starts ``--runs`` fresh Python processes (after one warm-up) and reports the median and the
-range of their wall times. ``fit --help`` cold runs with the help cache off
+range of their wall times, and the median CPU time (user + system: less sensitive to a busy machine). ``fit --help`` cold runs with the help cache off
 (``LIGHTNING_RLHF_HELP_CACHE=0``: LightningCLI builds the parser); warm reads the cache that the
 warm-up filled (in a temporary ``XDG_CACHE_HOME``). ``import lightning.pytorch`` is the floor of any
-cold ``fit --help``. The rows run interleaved (one run of each in turn), so that a machine's load
+cold ``fit --help``; ``import lightning.pytorch.cli`` (LightningCLI and jsonargparse) that of LightningCLI's
+parser: a cold ``fit --help`` above it is this package's modules plus building the parser. The rows run interleaved (one run of each in turn), so that a machine's load
 drifts over all of them alike.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +33,7 @@ def rows(cache: str) -> list[tuple[str, list[str], dict]]:
         ("python -c pass", [PY, "-c", "pass"], off),
         ("import torch", [PY, "-c", "import torch"], off),
         ("import lightning.pytorch", [PY, "-c", "import lightning.pytorch"], off),
+        ("import lightning.pytorch.cli", [PY, "-c", "import lightning.pytorch.cli"], off),
         ("lightning-rlhf --help", [*CLI, "--help"], off),
         ("pipeline --help", [*CLI, "pipeline", "--help"], off),
         ("fit --help (cold: cache off)", [*CLI, "fit", "--help"], off),
@@ -48,18 +51,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         todo = [r for r in rows(cache) if not args.only or any(s in r[0] for s in args.only.split(","))]
         times: dict[str, list[float]] = {name: [] for name, _, _ in todo}
+        cpu: dict[str, list[float]] = {name: [] for name, _, _ in todo}
         for i in range(args.runs + 1):
             for name, cmd, env in todo:
-                t = time.perf_counter()
+                t, r = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
-                dt = time.perf_counter() - t
+                dt, r2 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
                 if out.returncode != 0:
                     raise SystemExit(f"{name}: exit {out.returncode}\n{out.stderr[-2000:]}")
                 if i:  # the first round is the warm-up (and fills the cache)
                     times[name].append(dt)
-    print(f"{'command (fresh process)':<36} {'median s':>9} {'min s':>7} {'max s':>7}")
+                    cpu[name].append(r2.ru_utime + r2.ru_stime - r.ru_utime - r.ru_stime)
+    print(f"{'command (fresh process)':<36} {'median s':>9} {'min s':>7} {'max s':>7} {'cpu s':>7}")
     for name, ts in times.items():
-        print(f"{name:<36} {statistics.median(ts):>9.2f} {min(ts):>7.2f} {max(ts):>7.2f}")
+        print(f"{name:<36} {statistics.median(ts):>9.2f} {min(ts):>7.2f} {max(ts):>7.2f} "
+              f"{statistics.median(cpu[name]):>7.2f}")
 
 
 if __name__ == "__main__":

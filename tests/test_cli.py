@@ -4,6 +4,7 @@ and a tiny ``fit`` runs end to end."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,11 @@ def test_fit_end_to_end_writes_the_output_folder(
         "data": {"train_files": [str(memo_sft_file)], "val_files": [str(memo_sft_file)], "batch_size": 4},
     }
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    main(["fit", "--config", str(SFT_YAML), "--config", str(tmp_path / "override.yaml")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", str(SFT_YAML), "--config", str(tmp_path / "override.yaml")])
+    # no deprecation notice from our own calls (the config was saved with skip_none, renamed skip_unset)
+    assert not [w for w in caught if "skip_none" in str(w.message)], [(w.filename, w.lineno) for w in caught]
 
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.config.vocab_size == len(demo_tokenizer)
@@ -180,7 +185,8 @@ def test_generate_command_rejects_bad_options(tmp_path, capsys):
 
 def test_quiet_drops_lightnings_val_loop_notice_and_nothing_else():
     """PPO/GRPO have no validation_step and Lightning warns whenever the data module defines
-    val_dataloader (a notice in every online run); `quiet` drops that message only."""
+    val_dataloader (a notice in every online run); LightningCLI calls jsonargparse with a deprecated
+    parameter (a notice in every run); `quiet` drops those messages only."""
     import warnings
 
     from lightning_rlhf import cli
@@ -189,5 +195,38 @@ def test_quiet_drops_lightnings_val_loop_notice_and_nothing_else():
         warnings.simplefilter("always")
         cli.quiet()
         warnings.warn("You passed in a `val_dataloader` but have no `validation_step`. Skipping val loop.", UserWarning, stacklevel=1)
+        warnings.warn("\n    By default only one JsonargparseDeprecationWarning per type is shown. To see all warnings set "
+                      "environment variable JSONARGPARSE_DEPRECATION_WARNINGS=all and to disable the warnings set "
+                      "JSONARGPARSE_DEPRECATION_WARNINGS=off.\n\n    skip_none parameter was deprecated in v4.49.0 and "
+                      "will be removed in v5.0.0. Instead use skip_unset.\n", UserWarning, stacklevel=1)
+        warnings.warn("another_parameter was deprecated in v9", UserWarning, stacklevel=1)
         warnings.warn("a warning the user should see", UserWarning, stacklevel=1)
-    assert [str(w.message) for w in seen] == ["a warning the user should see"]
+    assert [str(w.message) for w in seen] == ["another_parameter was deprecated in v9", "a warning the user should see"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_normal_run_prints_no_scary_noise(tmp_path, memo_sft_file, lora):
+    """A plain ``lightning-rlhf fit`` of the demo SFT YAML (W&B logger, offline) in a fresh process, as a user
+    runs it: none of the notices the issue listed (bitsandbytes' gemm_4bit kernel load although nothing is
+    quantised, W&B's "anonymous" setting, Lightning's logger tips, jsonargparse's skip_none deprecation).
+    With LoRA, peft is imported, and peft imports bitsandbytes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "LIGHTNING_RLHF_HELP_CACHE": "0"}
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_rlhf.cli", "fit", "--config", str(SFT_YAML), "--trainer.max_steps", "2",
+         "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0",
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+         "--model.init_args.output_dir", str(tmp_path / "out"),
+         "--data.train_files", str(memo_sft_file), "--data.val_files", str(memo_sft_file),
+         *(["--model.init_args.policy.lora", "{r: 4}"] if lora else [])],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "runs" / "wandb").exists()
+    for noise in ("gemm_4bit", "kernels-community", "anonymous", "💡", "litlogger", "skip_none", "Traceback"):
+        assert noise not in text, f"{noise!r} in:\n{text}"

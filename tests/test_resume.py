@@ -3,6 +3,8 @@ continues bit for bit on CPU (N steps straight == N/2, resume, N/2: the data loa
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -104,6 +106,24 @@ def test_resume_mid_epoch_is_bit_exact(name, split, tiny_model_dir, files, tmp_p
                                                                 strict=True))  # the second half trained
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_mid_epoch_resume_has_no_not_resumable_notice(tiny_model_dir, files, tmp_path):
+    """Lightning warns "your dataloader is not resumable" on a mid-epoch resume unless the train loader is
+    stateful (``state_dict``/``load_state_dict``). Ours is: the position sits with Lightning's loop state in
+    the checkpoint (not in the data module's), and the resumed run gets no such notice."""
+    ckpt = tmp_path / "half.ckpt"
+    _run("sft", tiny_model_dir, files, tmp_path / "b", save_to=ckpt, stop_at=2)
+    saved = torch.load(ckpt, weights_only=False)
+    [position] = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert position["consumed"] == 2 and position["epoch_rng"] is not None
+    assert "RLHFDataModule" not in saved  # one place for the position
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, t = _run("sft", tiny_model_dir, files, tmp_path / "c", ckpt_path=ckpt)
+    assert t.global_step == 6
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "not resumable" in m], messages
 
 
 PROMPTS = [{"prompt": [{"role": "user", "content": f"write about the {x} ."}]}

@@ -22,26 +22,32 @@ Paths = str | os.PathLike | Sequence[str]
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader whose place in the epoch can be saved (``position``) and restored (``resume``): the
-    shuffle generator's state at the start of the epoch and the batches already trained on.
-    ``RLHFDataModule`` puts it in Lightning checkpoints through its own ``state_dict`` (Lightning's hook
-    for stateful loaders misses it: the Trainer builds the loader to estimate the schedule's length before
-    it restores a checkpoint). A run resumed mid-epoch then sees the same
-    order and continues with the next batch, so N steps straight equal N/2 + resume + N/2.
+    """A DataLoader whose place in the epoch is saved and restored through Lightning's interface for
+    stateful loaders, ``state_dict`` / ``load_state_dict``: the shuffle generator's state at the start of
+    the epoch and the batches already trained on. The Trainer keeps that state in its checkpoints (with
+    its loops' state) and hands it back on resume, so a run resumed mid-epoch sees the same order and
+    continues with the next batch: N steps straight equal N/2 + resume + N/2. The Fabric runner saves and
+    loads the same state.
 
     ``consumed``: returns the batches of the current epoch the Trainer has processed (the loader itself
     runs one batch ahead: Lightning prefetches); None: count the batches served.
+    ``before_iter``: called when an iteration starts, before the restored state is read (the data module
+    uses it to take a state the Trainer restored after building this loader; see
+    ``RLHFDataModule._take_restored_state``).
     Skipping re-collates the skipped batches once (the cost of one partial epoch of data loading).
     """
 
-    def __init__(self, *args, consumed=None, **kwargs):
+    def __init__(self, *args, consumed=None, before_iter=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._consumed = consumed
+        self._before_iter = before_iter
         self._epoch_rng: torch.Tensor | None = None
         self._served = 0
         self._resume: dict | None = None
 
     def __iter__(self):
+        if self._before_iter is not None:
+            self._before_iter()
         resume, self._resume = self._resume, None
         if resume is not None and self.generator is not None and resume.get("epoch_rng") is not None:
             self.generator.set_state(resume["epoch_rng"])
@@ -55,12 +61,13 @@ class ResumableDataLoader(DataLoader):
             self._served += 1
             yield batch
 
-    def position(self) -> dict:
+    def state_dict(self) -> dict:
+        """Where this loader is: ``{"epoch_rng": <generator state at the epoch's start>, "consumed": n}``."""
         consumed = self._consumed() if self._consumed is not None else None
         return {"epoch_rng": self._epoch_rng, "consumed": self._served if consumed is None else consumed}
 
-    def resume(self, state: dict) -> None:
-        """Start the next iteration where ``state`` (from ``position``) was."""
+    def load_state_dict(self, state: dict) -> None:
+        """Start the next iteration where ``state`` (from ``state_dict``) was."""
         self._resume = dict(state)
 
 
@@ -284,31 +291,27 @@ class RLHFDataModule(L.LightningDataModule):
             return None
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
-    def state_dict(self) -> dict:
-        """The training loader's place in the epoch (saved in Lightning checkpoints)."""
-        loader = getattr(self, "_train_loader", None)
-        return {"train_loader": loader.position()} if loader is not None and loader._epoch_rng is not None else {}
+    def _take_restored_state(self) -> None:
+        """Give the train loader the position the Trainer restored from a checkpoint, if it still holds it.
 
-    def load_state_dict(self, state: dict) -> None:
-        position = state.get("train_loader")
-        loader = getattr(self, "_train_loader", None)
-        if loader is not None and position is not None:
-            loader.resume(position)
-        else:
-            self._pending_position = position  # for the loader built next
+        Lightning loads a stateful loader's state when it builds the loader after restoring the checkpoint.
+        A module that asks for ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` (every
+        stage does, for its LR schedule) makes the Trainer build the loader before the restore, and the
+        restored state is then left unused (Lightning issue #20550). This runs when the loader starts an
+        iteration, before its first batch, and applies that pending state with Lightning's own method
+        (a no-op when there is none, or when the run is not restarting mid-epoch).
+        """
+        trainer = getattr(self, "trainer", None)
+        fit_loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
+        if fit_loop is not None and getattr(fit_loop, "_combined_loader_states_to_load", None):
+            fit_loop._load_combined_loader_states()
 
     def train_dataloader(self) -> DataLoader:
         self._check_setup()
-        self._train_loader = self._make_train_loader()
-        pending, self._pending_position = getattr(self, "_pending_position", None), None
-        if pending is not None:
-            self._train_loader.resume(pending)
-        return self._train_loader
-
-    def _make_train_loader(self) -> ResumableDataLoader:
         return ResumableDataLoader(
             self.train_examples,
             consumed=self._consumed_in_epoch,
+            before_iter=self._take_restored_state,
             batch_size=self.batch_size,
             shuffle=self.shuffle,
             collate_fn=self._collate,

@@ -24,6 +24,7 @@ import bisect
 import itertools
 import json
 import os
+import re
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,13 +170,28 @@ def _read_json(path: str, errors: list[DataFormatError] | None) -> tuple[list[di
 
 
 def _read_parquet(path: str) -> tuple[list[dict], list[Where]]:
-    import pyarrow.parquet as pq
-
-    records = pq.read_table(path).to_pylist()
+    records = _open_parquet(path).to_pylist()
     return records, [Where(path, i) for i in range(len(records))]
 
 
+def _open_parquet(path: str):
+    """The Arrow table of a Parquet file, read batch by batch: ``pq.read_table`` peaks at about 5x the
+    table's size while decoding a large row group, batches at about 2.5x (``scripts/bench_data_memory.py``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path, memory_map=True)
+    return pa.Table.from_batches(list(f.iter_batches(batch_size=1024, use_threads=False)), schema=f.schema_arrow)
+
+
 def _read_dataset_folder(path: str, split: str | None) -> tuple[list[dict], list[Where]]:
+    ds, label = _open_dataset_folder(path, split)
+    records = ds.to_list()
+    return records, [Where(label, i) for i in range(len(records))]
+
+
+def _open_dataset_folder(path: str, split: str | None):
+    """The ``datasets.Dataset`` of a ``save_to_disk`` folder (memory-mapped Arrow) and its label."""
     import datasets
 
     ds = datasets.load_from_disk(path)
@@ -192,8 +208,7 @@ def _read_dataset_folder(path: str, split: str | None) -> tuple[list[dict], list
         ds, label = ds[split], f"{path}:{split}"
     elif split is not None:
         raise DataFormatError(f"{path}: split '{split}' asked for, but the folder holds a single Dataset")
-    records = ds.to_list()
-    return records, [Where(label, i) for i in range(len(records))]
+    return ds, label
 
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.txt")
@@ -211,6 +226,13 @@ def _is_hub_dataset(spec: str) -> bool:
 def _read_hub_dataset(spec: str, split: str | None) -> tuple[list[dict], list[Where]]:
     """Records of a Hub dataset ``org/name[@config][:split]`` (default split: ``split`` or ``train``):
     its repository snapshot from the HF cache (downloaded when online), read by ``datasets.load_dataset``."""
+    ds, label = _open_hub_dataset(spec, split)
+    records = ds.to_list()
+    return records, [Where(label, i) for i in range(len(records))]
+
+
+def _open_hub_dataset(spec: str, split: str | None):
+    """The ``datasets.Dataset`` of a Hub dataset (Arrow files in the datasets cache) and its label."""
     import datasets
 
     from ..hub import HubNameError, snapshot
@@ -227,8 +249,7 @@ def _read_hub_dataset(spec: str, split: str | None) -> tuple[list[dict], list[Wh
     except (ValueError, KeyError) as e:
         raise DataFormatError(f"{spec}: cannot load split {split!r}{f' of config {config!r}' if config else ''}: {e}") from None
     label = f"{name}{f'@{config}' if config else ''}:{split}"
-    records = ds.to_list()
-    return records, [Where(label, i) for i in range(len(records))]
+    return ds, label
 
 
 def read_records(
@@ -322,8 +343,103 @@ class JsonlRecords:
         return _parse_line(raw, self.where(i))
 
 
+class JsonArrayRecords:
+    """The records of a ``.json`` file holding one array of objects, as an index of byte spans (12 bytes a
+    record), read again from the file when asked for. ``scan`` returns None for any other content (a
+    column-oriented object, several values, a non-object element, invalid JSON or UTF-8): the in-memory
+    reader then handles the file and gives its messages."""
+
+    def __init__(self, path: str, offsets: array, sizes: array, stamp: tuple[int, int]):
+        self.path, self.offsets, self.sizes, self._stamp = path, offsets, sizes, stamp
+
+    @classmethod
+    def scan(cls, path: str) -> JsonArrayRecords | None:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        ascii_only = len(text) == len(raw)  # then character offsets are byte offsets
+        del raw  # the text only from here on
+        decoder, ws = json.JSONDecoder(), _WHITESPACE.match
+        offsets, sizes = array("q"), array("I")
+        pos = ws(text, 0).end()
+        if not text.startswith("[", pos):
+            return None
+        pos = ws(text, pos + 1).end()
+        byte, last = 0, 0  # byte offset of character `last`
+        if text.startswith("]", pos):
+            pos += 1
+        else:
+            while True:
+                try:
+                    record, end = decoder.raw_decode(text, pos)
+                except json.JSONDecodeError:
+                    return None
+                if not isinstance(record, dict):
+                    return None
+                del record
+                if ascii_only:
+                    start, stop = pos, end
+                else:
+                    byte += len(text[last:pos].encode())
+                    start, stop = byte, byte + len(text[pos:end].encode())
+                    byte, last = stop, end
+                offsets.append(start)
+                sizes.append(stop - start)
+                pos = ws(text, end).end()
+                if text.startswith(",", pos):
+                    pos = ws(text, pos + 1).end()
+                elif text.startswith("]", pos):
+                    pos += 1
+                    break
+                else:
+                    return None
+        if ws(text, pos).end() != len(text):
+            return None
+        return cls(path, offsets, sizes, (st.st_size, st.st_mtime_ns))
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def where(self, i: int) -> Where:
+        return Where(self.path, i)
+
+    def get(self, i: int) -> dict:
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_size, st.st_mtime_ns) != self._stamp:
+                raise DataFormatError(f"{self.path}: the file changed after it was read and indexed; restart the run")
+            f.seek(self.offsets[i])
+            return json.loads(f.read(self.sizes[i]))
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+class ArrowRecords:
+    """The records of a Parquet file (an Arrow table) or of a ``datasets`` Dataset (memory-mapped Arrow
+    files), kept in Arrow form: a record becomes a dict only when it is asked for."""
+
+    def __init__(self, table, label: str):
+        self.table, self.label = table, label
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def where(self, i: int) -> Where:
+        return Where(self.label, i)
+
+    def get(self, i: int) -> dict:
+        if hasattr(self.table, "to_pylist"):  # a pyarrow Table
+            return self.table.slice(i, 1).to_pylist()[0]
+        return self.table[int(i)]  # a datasets.Dataset
+
+
 class ListRecords:
-    """Records held in memory (JSON, Parquet, ``datasets`` and Hub sources)."""
+    """Records held in memory (column-oriented JSON, or a JSON file given with ``errors`` to collect)."""
 
     def __init__(self, records: list[dict], wheres: list[Where]):
         self.records, self.wheres = records, wheres
@@ -390,16 +506,27 @@ def index_records(
 ) -> Records:
     """What :func:`read_records` reads, as a :class:`Records` sequence: JSONL files are streamed once
     (each line checked, no record kept) into an index of byte offsets and read again when a record is
-    asked for; other sources are read into memory as :func:`read_records` does."""
+    asked for; so are JSON files holding an array of objects; Parquet files and ``datasets`` folders or Hub
+    datasets stay in Arrow form (memory-mapped for ``datasets``) and a row becomes a dict when asked for.
+    Anything else (column-oriented JSON) is read into memory as :func:`read_records` does."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    parts: list[JsonlRecords | ListRecords] = []
+    parts: list[JsonlRecords | JsonArrayRecords | ArrowRecords | ListRecords] = []
     for p in paths:
         path, path_split = _split_suffix(os.fspath(p))
-        if not os.path.isdir(path) and os.path.exists(path) and path.endswith(JSONL_SUFFIXES):
-            parts.append(JsonlRecords(path, errors))
-        else:
-            parts.append(ListRecords(*read_records(p, split, errors)))
+        is_file = not os.path.isdir(path) and os.path.exists(path)
+        part = None
+        if os.path.isdir(path):
+            part = ArrowRecords(*_open_dataset_folder(path, path_split or split))
+        elif _is_hub_dataset(os.fspath(p)):
+            part = ArrowRecords(*_open_hub_dataset(os.fspath(p), split))
+        elif is_file and path.endswith(JSONL_SUFFIXES):
+            part = JsonlRecords(path, errors)
+        elif is_file and path.endswith((".parquet", ".pq")):
+            part = ArrowRecords(_open_parquet(path), path)
+        elif is_file and path.endswith(".json"):
+            part = JsonArrayRecords.scan(path)
+        parts.append(part if part is not None else ListRecords(*read_records(p, split, errors)))
     return Records(parts)
 
 

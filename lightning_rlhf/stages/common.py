@@ -181,8 +181,9 @@ class _NormalisingSpecs(type):
             return type.__call__(cls, *args, **kwargs)  # let __init__ report the wrong call itself
         owner = cls.__name__
         arguments = dict(list(bound.arguments.items())[1:])
-        var_kw = next((p.name for p in inspect.signature(cls.__init__).parameters.values()
-                       if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        params = inspect.signature(cls.__init__).parameters.values()
+        var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        required = {p.name for p in params if p.default is inspect.Parameter.empty}
         if var_kw and var_kw in arguments:
             arguments.update(arguments.pop(var_kw))
         for name, value in arguments.items():
@@ -191,6 +192,8 @@ class _NormalisingSpecs(type):
             if ModelSpec in _dataclasses_in(annotation) and value is not None:
                 path = value.path if isinstance(value, ModelSpec) else value
                 option = f"{owner} {name}.path" if isinstance(value, ModelSpec) else f"{owner} {name}"
+                if not path and name in required:  # e.g. policy={"lora": {...}} without its path
+                    raise ConfigError(f"{option} is empty: name a model folder, a Hub id or a GGUF file")
                 check_model_path(path, option)
             elif name == "tokenizer" and isinstance(value, str):
                 check_model_path(value, f"{owner} tokenizer", tokenizer=True)

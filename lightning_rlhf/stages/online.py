@@ -66,7 +66,7 @@ from ..rollout import (
     Rollout,
     eval_mode,
 )
-from ..rollout.scoring import RunningMoments, Scores, build_scorer
+from ..rollout.scoring import RunningMoments, Scores, build_scorer, import_function
 from .common import OptimSpec, StageModule, as_dataclass
 from .minibatch import MinibatchOptimisation, reject_optimiser_step_options
 from .online_logging import RolloutLogging
@@ -208,6 +208,9 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         self.reward_functions = list(reward_functions or [])
         self.reward_weights = reward_weights
         self.diagnostic_functions = list(diagnostic_functions or [])
+        for fn in (*self.reward_functions, *self.diagnostic_functions):
+            if isinstance(fn, str):  # a wrong import path is one error now, before any folder or model
+                import_function(fn)
         self.generation = generation
         self.kl_coef = kl_coef
         self.kl_estimator = kl_estimator

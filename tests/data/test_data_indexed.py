@@ -148,3 +148,73 @@ def test_workers_read_the_index_like_the_main_process(tmp_path):
     for dm in dms:
         dm.setup("fit")
     assert _batches(dms[0].train_dataloader()) == _batches(dms[1].train_dataloader())
+
+
+def _valid_records(n, seed):
+    """Valid SFT records of every form (with non-ASCII text, so that byte and character offsets differ)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = " ".join(rng.choices(WORDS, k=rng.randint(1, 30))) + (" é ✓" if i % 5 == 0 else "")
+        out.append([{"text": words}, {"prompt": words[:20] or "x", "completion": " " + words},
+                    {"messages": [{"role": "user", "content": words[:15] or "x"},
+                                  {"role": "assistant", "content": words}]}][i % 3])
+    return out
+
+
+@pytest.mark.parametrize("source", ["json_array", "json_array_indented", "parquet", "datasets_folder",
+                                    "datasets_dict_split"])
+def test_json_parquet_and_datasets_sources_are_served_from_an_index(tmp_path, source):
+    """JSON arrays are indexed by byte span like JSONL; Parquet and ``datasets`` sources stay in Arrow form.
+    Either way no record is held as a Python object, and the data module gives what the in-memory path gives."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lightning_rlhf.data.records import ArrowRecords, JsonArrayRecords
+
+    tok = make_tokenizer()
+    tok_dir = str(tmp_path / "tok")
+    tok.save_pretrained(tok_dir)
+    records = _valid_records(60, 7)
+    if source.startswith("json_array"):
+        path = tmp_path / "data.json"
+        path.write_text(json.dumps(records, ensure_ascii=False, indent=2 if source.endswith("indented") else None))
+        files, part_type = str(path), JsonArrayRecords
+    elif source == "parquet":
+        # one schema for every form: missing columns are None, which records of the other forms do not have
+        files, part_type = str(tmp_path / "data.parquet"), ArrowRecords
+        records = [r for r in records if "text" in r]
+        pq.write_table(pa.Table.from_pylist(records), files)
+    elif source == "datasets_folder":
+        records = [r for r in records if "messages" in r]
+        datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "ds"))
+        files, part_type = str(tmp_path / "ds"), ArrowRecords
+    else:
+        records = [r for r in records if "completion" in r]
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:5]),
+                              "test": datasets.Dataset.from_list(records)}).save_to_disk(str(tmp_path / "dd"))
+        files, part_type = str(tmp_path / "dd") + ":test", ArrowRecords
+    indexed = index_records(files)
+    part = indexed._parts[0]
+    assert type(part) is part_type
+    assert not any(isinstance(v, (list, dict)) for v in vars(part).values())  # no records as Python objects
+    assert list(indexed) == read_records(files)[0] == records
+    assert [str(indexed.where(i)) for i in range(3)] == [str(w) for w in read_records(files)[1][:3]]
+    _compare(files, "sft", tok, tok_dir, val_split=0.2, seed=1, truncation="truncate", max_length=40)
+
+
+def test_a_json_file_that_is_not_one_array_of_objects_keeps_its_messages(tmp_path):
+    """Anything the index does not take (columns, a non-object element, invalid JSON) is read as before."""
+    from lightning_rlhf.data.records import ListRecords
+
+    cols = tmp_path / "cols.json"
+    cols.write_text(json.dumps({"prompt": ["a", "b"], "completion": [" x", " y"]}))
+    assert type(index_records(cols)._parts[0]) is ListRecords and index_records(cols)[1] == {"prompt": "b", "completion": " y"}
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"text": "a"}, 3]')
+    with pytest.raises(DataFormatError, match=r"bad.json, record 1: expected a JSON object, got int"):
+        index_records(bad)
+    bad.write_text('[{"text": "a"}, {"text": "b"')
+    with pytest.raises(DataFormatError, match=r"bad.json: invalid JSON at line 1 column 29"):
+        index_records(bad)
