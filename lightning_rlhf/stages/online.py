@@ -302,11 +302,17 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
             )
         if self.diagnostic_functions and self.diagnostic_scorer is None:
             self.diagnostic_scorer = RewardFunctionScorer(self.diagnostic_functions)
-        if self.padding_free:
-            for name, model in (("policy", self.policy), ("reference", self.reference)):
-                reason = None if model is None else four_d_mask_refusal(model)
-                if reason is not None:
-                    raise ValueError(f"padding_free needs a 4D attention mask, but the {name}: {reason}")
+        self.check_padding_free(policy=self.policy, reference=self.reference)
+
+    def check_padding_free(self, **models: nn.Module | None) -> None:
+        """With ``padding_free``, refuse (a ``ValueError`` naming the model and why) models whose
+        attention implementation cannot take the packed rows' 4D mask."""
+        if not self.padding_free:
+            return
+        for name, model in models.items():
+            reason = None if model is None else four_d_mask_refusal(model)
+            if reason is not None:
+                raise ValueError(f"padding_free needs a 4D attention mask, but the {name}: {reason}")
 
     def exported_model(self) -> nn.Module:
         return self.policy

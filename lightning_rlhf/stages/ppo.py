@@ -177,6 +177,7 @@ class PPOModule(OnlineRLModule):
                 self.value_head = ValueHead(hidden_size(self.policy), dtype=DTYPES[self.policy_spec.dtype])
         elif self.critic is None:
             self.critic = self.shard(self.no_dropout(load_sequence_classifier(self.critic_model_spec())).train())
+        self.check_padding_free(critic=self.critic)
 
     def critic_parameters(self):
         module = self.value_head if self.share_backbone else self.critic
