@@ -185,3 +185,16 @@ def test_attention_without_4d_masks_is_named():
     model.config._attn_implementation = "flash_attention_2"
     reason = four_d_mask_refusal(model)
     assert "flash_attention_2" in reason and "sdpa" in reason
+
+
+def test_rows_that_do_not_pack_run_padded():
+    """Every row as long as the longest: no packed row could hold two, so the padded forward runs."""
+    from lightning_rlhf.models.forward import packed_forward
+
+    model = build("llama", "sdpa")
+    ids = torch.randint(1, V, (3, 6))
+    mask = torch.ones_like(ids)
+    assert packed_forward(model, ids, mask) is None
+    mask[1:, 3:] = 0  # two rows of 3 fit in one row of 6
+    packing, kwargs = packed_forward(model, ids, mask)
+    assert kwargs["input_ids"].shape == (2, 6) and kwargs["attention_mask"].shape == (2, 1, 6, 6)

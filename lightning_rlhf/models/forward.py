@@ -159,8 +159,10 @@ def packed_forward(
     max_tokens: int | None = None,
 ) -> tuple[Packing, dict] | None:
     """The rows' real tokens packed (``core.packing.pack_rows``) and the keyword arguments of the
-    model's forward on them, or None (with a warning) when the model cannot take the packed rows'
-    4D mask (see :func:`shared_prompt_mask`): the caller then runs the padded rows.
+    model's forward on them, or None: the caller then runs the padded rows. None when packing saves
+    no row (every row alone in its packed row, e.g. no row stopped early: the padded rows cost the
+    same and sdpa may take its plain causal path), and, with a warning, when the model cannot take
+    the packed rows' 4D mask (see :func:`shared_prompt_mask`).
 
     Args: as :func:`~lightning_rlhf.core.packing.pack_rows` (``position_ids`` None: counted over
     the real tokens, as the padded forward). Returns ``(packing, kwargs)``, ``kwargs`` holding
@@ -169,6 +171,8 @@ def packed_forward(
     if position_ids is None:
         position_ids = default_position_ids(attention_mask)
     packing = pack_rows(input_ids, attention_mask, max_tokens, position_ids=position_ids, allowed=allowed, keep=keep)
+    if packing.input_ids.shape[0] >= int(attention_mask.bool().any(-1).sum()):
+        return None  # every row alone in its packed row: nothing saved, the padded rows are as cheap
     mask = shared_prompt_mask(model, packing.allowed)
     if mask is None:
         reason = four_d_mask_refusal(model) or "its sliding window is shorter than the packed rows"

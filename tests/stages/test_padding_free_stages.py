@@ -41,7 +41,7 @@ class PPO(EarlyEos, PPOModule):
 @pytest.fixture(scope="module")
 def ragged_prompts(tmp_path_factory, write_jsonl):
     words = "the movie was great and the plot was fun but the end was slow".split()
-    recs = [{"prompt": " ".join(words[: 2 + 3 * i])} for i in range(4)]  # 2, 5, 8, 11 words
+    recs = [{"prompt": " ".join(words[i % 3 : 2 + 3 * (i % 4)])} for i in range(8)]  # 2 to 11 words
     return write_jsonl(tmp_path_factory.mktemp("ragged") / "prompts.jsonl", recs)
 
 
@@ -70,7 +70,7 @@ def run(module, prompts) -> dict:
         accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[MaskSpy()],
     )  # fmt: skip
-    dm = RLHFDataModule(train_files=str(prompts), kind="prompt", batch_size=2, shuffle=False)
+    dm = RLHFDataModule(train_files=str(prompts), kind="prompt", batch_size=4, shuffle=False)
     trainer.fit(module, datamodule=dm)
     seen["weights"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
     return seen
@@ -105,7 +105,7 @@ def test_grpo_fit_with_padding_free_equals_padded(tiny_model_dir, ragged_prompts
         L.seed_everything(0)
         m = GRPO(
             policy=str(tiny_model_dir), reward_functions=[GREAT], num_generations=2, beta=0.1,
-            num_iterations=2, mini_batch_size=4, micro_batch_size=2, forward_batch_size=4,
+            num_iterations=2, mini_batch_size=4, micro_batch_size=4, forward_batch_size=4,
             generation=GenerationSpec(max_new_tokens=8), padding_free=padding_free,
             optim=OptimSpec(learning_rate=1e-3, scheduler="constant"), log_samples_every_n_steps=0,
         )  # fmt: skip
@@ -120,7 +120,7 @@ def test_ppo_fit_with_padding_free_equals_padded(tiny_model_dir, ragged_prompts,
         L.seed_everything(0)
         m = PPO(
             policy=str(tiny_model_dir), reward_functions=[GREAT], critic_init="policy", share_backbone=share_backbone,
-            ppo_epochs=2, mini_batch_size=2, micro_batch_size=1, generation=GenerationSpec(max_new_tokens=8),
+            ppo_epochs=2, mini_batch_size=4, micro_batch_size=2, generation=GenerationSpec(max_new_tokens=8),
             optim=OptimSpec(learning_rate=1e-3, scheduler="constant"),
             critic_optim=OptimSpec(learning_rate=1e-3, scheduler="constant"),
             padding_free=padding_free, log_samples_every_n_steps=0,
