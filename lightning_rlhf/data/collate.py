@@ -16,11 +16,11 @@ default), which silently turns the detection off, so :func:`model_inputs` always
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-PackingStrategy = Literal["ffd", "greedy"]
+from lightning_rlhf.core.packing import PackingStrategy, pack  # noqa: F401  (public here too)
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
@@ -31,51 +31,6 @@ def pad(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) ->
         if len(s):
             out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
-
-
-def pack(lengths: Sequence[int], max_length: int, strategy: PackingStrategy = "ffd") -> list[list[int]]:
-    """Group example indices into rows of at most ``max_length`` tokens.
-
-    ``"ffd"`` (first-fit decreasing) sorts by length and puts each example in the first row with
-    room; ``"greedy"`` keeps the order and starts a new row when the next example does not fit.
-    Every index appears in exactly one row; rows are returned in creation order.
-    """
-    if any(n > max_length for n in lengths):
-        raise ValueError(f"an example is longer than max_length={max_length}; truncate before packing")
-    if strategy == "greedy":
-        rows: list[list[int]] = []
-        used = max_length + 1
-        for i, n in enumerate(lengths):
-            if used + n > max_length:
-                rows.append([])
-                used = 0
-            rows[-1].append(i)
-            used += n
-        return rows
-    if strategy != "ffd":
-        raise ValueError(f"unknown packing strategy {strategy!r}: expected 'ffd' or 'greedy'")
-    # First fit: the lowest-numbered row with room. A max-tree over the rows' free space finds it in
-    # O(log N) (O(N log N) in all, for the large data sets packed at setup); rows not opened yet count
-    # as empty, so when no open row has room the first unopened one is the next new row.
-    size = 1
-    while size < max(len(lengths), 1):
-        size *= 2
-    free = [max_length] * (2 * size)
-    rows = []
-    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
-        n = lengths[i]
-        pos = 1
-        while pos < size:
-            pos = 2 * pos if free[2 * pos] >= n else 2 * pos + 1
-        if pos - size == len(rows):
-            rows.append([])
-        rows[pos - size].append(i)
-        free[pos] -= n
-        pos //= 2
-        while pos:
-            free[pos] = max(free[2 * pos], free[2 * pos + 1])
-            pos //= 2
-    return rows
 
 
 class SFTCollator:

@@ -7,9 +7,13 @@ log-probs and evaluation.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 
 from lightning_rlhf.core.ops import entropy_from_logits, logprobs_from_logits
+from lightning_rlhf.core.packing import Packing, gather_packed, pack_rows, unpack
 from lightning_rlhf.core.prefix import additive_mask
 
 
@@ -31,6 +35,7 @@ def sequence_logprobs(
     return_entropy: bool = False,
     *,
     logits_to_keep: int = 0,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each next token under `softmax(logits / temperature)`.
 
@@ -46,6 +51,9 @@ def sequence_logprobs(
         logits_to_keep: when > 0, only the last `logits_to_keep` labels are scored (the model's
             `logits_to_keep` argument skips the LM head on the prefix); outputs are then
             `(B, logits_to_keep)`. Use it for responses after long prompts.
+        padding_free: run the forward on packed rows (:func:`packed_forward`): the same log-probs
+            wherever the label is a real token that directly follows a real one (0 elsewhere), without
+            the padding's compute. Falls back to the padded rows when the model cannot take the mask.
 
     Returns:
         logprobs: `(B, T-1)` fp32, `logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1])`
@@ -56,15 +64,55 @@ def sequence_logprobs(
     The model's logits are the only vocab-sized tensor: `logprobs_from_logits` /
     `entropy_from_logits` apply the temperature and the fp32 upcast chunk by chunk.
     """
+    logprobs, entropy, _ = _logprobs_and_align(
+        model, input_ids, attention_mask, position_ids, temperature, return_entropy, logits_to_keep, padding_free
+    )
+    return logprobs, entropy
+
+
+def _logprobs_and_align(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    temperature: float,
+    return_entropy: bool,
+    logits_to_keep: int,
+    padding_free: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]:
+    """`sequence_logprobs`, plus `align`: a function that takes any per-position tensor aligned with
+    the model's logits `(B | B', K, ...)` (e.g. the LM head's input, caught by a hook) to the
+    log-probs' layout `(B, T-1 | logits_to_keep, ...)`."""
     if temperature <= 0:
         raise ValueError(f"sequence_logprobs: temperature must be > 0, got {temperature}")
     if position_ids is None:
         position_ids = default_position_ids(attention_mask)
     labels = input_ids[:, 1:]  # (B, T-1)
+    if logits_to_keep > labels.shape[1]:
+        raise ValueError(f"logits_to_keep={logits_to_keep} exceeds the {labels.shape[1]} labels of the batch")
+    packed = None
+    if padding_free:
+        real = attention_mask.bool()
+        keep = torch.zeros_like(real)
+        keep[:, :-1] = real[:, :-1] & real[:, 1:]  # the label is the next real token
+        if logits_to_keep > 0:
+            keep[:, : keep.shape[1] - 1 - logits_to_keep] = False
+        packed = packed_forward(model, input_ids, attention_mask, position_ids, keep=keep)
+    if packed is not None:
+        packing, kwargs = packed
+        logits = model(**kwargs, logits_to_keep=packing.keep).logits  # (B', K, V): the kept tokens' columns
+        next_ids = torch.cat([labels, labels[:, :1]], dim=1)  # (B, T): the label of each column (last: unused)
+        packed_labels = gather_packed(next_ids, packing)[:, -packing.keep :]  # (B', K)
+
+        def align(x: torch.Tensor) -> torch.Tensor:  # (B', K, ...) -> (B, T-1 | k, ...)
+            rows = unpack(x, packing)[:, :-1]
+            return rows[:, -logits_to_keep:] if logits_to_keep > 0 else rows
+
+        logprobs = align(logprobs_from_logits(logits, packed_labels, temperature=temperature))
+        entropy = align(entropy_from_logits(logits, temperature=temperature)) if return_entropy else None
+        return logprobs, entropy, align
     kwargs = {}
     if logits_to_keep > 0:
-        if logits_to_keep > labels.shape[1]:
-            raise ValueError(f"logits_to_keep={logits_to_keep} exceeds the {labels.shape[1]} labels of the batch")
         # the last k labels need the logits of positions T-1-k .. T-2, i.e. the last k+1 minus the final one
         kwargs["logits_to_keep"] = logits_to_keep + 1
         labels = labels[:, -logits_to_keep:]
@@ -78,11 +126,65 @@ def sequence_logprobs(
     # temperature is applied chunk by chunk inside core's ops: no scaled copy of the logits
     logprobs = logprobs_from_logits(logits, labels, temperature=temperature)
     entropy = entropy_from_logits(logits, temperature=temperature) if return_entropy else None
-    return logprobs, entropy
+
+    def align(x: torch.Tensor) -> torch.Tensor:  # (B, T | k+1, ...) -> (B, T-1 | k, ...)
+        return x[:, :-1]
+
+    return logprobs, entropy, align
+
+
+def four_d_mask_refusal(model: torch.nn.Module) -> str | None:
+    """Why `model` cannot take an arbitrary 4D attention mask (prompt sharing, packed rows), or None.
+
+    Only the attention implementation is checked here; a sliding window is checked per forward
+    (it depends on the row length)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = getattr(getattr(hf, "config", None), "_attn_implementation", None)
+    if impl in ("sdpa", "eager"):
+        return None
+    return (
+        f"{type(hf).__name__} uses attn_implementation={impl!r}, which cannot take an arbitrary 4D attention "
+        "mask; load it with attn_implementation 'sdpa' or 'eager'"
+    )
+
+
+def packed_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    keep: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    max_tokens: int | None = None,
+) -> tuple[Packing, dict] | None:
+    """The rows' real tokens packed (``core.packing.pack_rows``) and the keyword arguments of the
+    model's forward on them, or None: the caller then runs the padded rows. None when packing saves
+    no row (every row alone in its packed row, e.g. no row stopped early: the padded rows cost the
+    same and sdpa may take its plain causal path), and, with a warning, when the model cannot take
+    the packed rows' 4D mask (see :func:`shared_prompt_mask`).
+
+    Args: as :func:`~lightning_rlhf.core.packing.pack_rows` (``position_ids`` None: counted over
+    the real tokens, as the padded forward). Returns ``(packing, kwargs)``, ``kwargs`` holding
+    ``input_ids``, the mask, ``position_ids`` and ``use_cache=False``.
+    """
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask)
+    packing = pack_rows(input_ids, attention_mask, max_tokens, position_ids=position_ids, allowed=allowed, keep=keep)
+    if packing.input_ids.shape[0] >= int(attention_mask.bool().any(-1).sum()):
+        return None  # every row alone in its packed row: nothing saved, the padded rows are as cheap
+    mask = shared_prompt_mask(model, packing.allowed)
+    if mask is None:
+        reason = four_d_mask_refusal(model) or "its sliding window is shorter than the packed rows"
+        warnings.warn(f"padding_free: running padded rows instead: {reason}", stacklevel=3)
+        return None
+    kwargs = {"input_ids": packing.input_ids, "attention_mask": mask, "position_ids": packing.position_ids}
+    return packing, {**kwargs, "use_cache": False}
 
 
 def shared_prompt_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor | None:
-    """A `(B, 1, T, T)` bool "may attend" mask in the form `model`'s attention takes, or None.
+    """A `(B, 1, T, T)` bool "may attend" mask in the form `model`'s attention takes, or None
+    (shared-prompt rows of `core.prefix`, packed rows of `core.packing`).
 
     transformers 5 passes a 4D `attention_mask` through unchanged (`masking_utils` returns it as
     is): sdpa takes it as bool (True = attend), eager adds it to the scores, so it gets an additive

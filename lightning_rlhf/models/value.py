@@ -24,7 +24,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lightning_rlhf.models.forward import default_position_ids, sequence_logprobs
+from lightning_rlhf.core.packing import unpack
+from lightning_rlhf.models.forward import _logprobs_and_align, default_position_ids, packed_forward
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -94,6 +95,7 @@ def sequence_values(
     position_ids: torch.Tensor | None = None,
     *,
     values_to_keep: int = 0,
+    padding_free: bool = False,
 ) -> torch.Tensor:
     """Per-position values of a one-label sequence classifier (the separate critic).
 
@@ -104,6 +106,9 @@ def sequence_values(
         position_ids: ``(B, T)``; default ``attention_mask.cumsum(-1) - 1`` (as the rollout).
         values_to_keep: when > 0, only the last ``values_to_keep`` columns are returned (the
             response of a rollout).
+        padding_free: run the critic on packed rows (``models.forward.packed_forward``): the same
+            values at every real token (0 on padding); falls back to the padded rows when the model
+            cannot take the mask.
 
     Returns:
         ``(B, T-1)`` fp32 (or ``(B, values_to_keep)``): column ``t`` is the value of the prefix
@@ -112,11 +117,22 @@ def sequence_values(
     """
     if position_ids is None:
         position_ids = default_position_ids(attention_mask)
+    packed = None
+    if padding_free:
+        keep = attention_mask.bool().clone()
+        if values_to_keep > 0:
+            keep[:, : keep.shape[1] - 1 - values_to_keep] = False
+        packed = packed_forward(critic, input_ids, attention_mask, position_ids, keep=keep)
     with _capture_output(_score_head(critic)) as captured:
-        critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    per_token = captured[-1]  # (B, T, 1)
+        if packed is None:
+            critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        else:
+            critic(**packed[1])
+    per_token = captured[-1]  # (B, T, 1), or (B', L, 1) packed
     if per_token.shape[-1] != 1:
         raise ValueError(f"sequence_values: the critic has {per_token.shape[-1]} labels, expected 1")
+    if packed is not None:
+        per_token = unpack(per_token, packed[0])  # (B, T, 1), 0 on padding
     values = per_token[:, :-1, 0].float()  # (B, T-1)
     return values[:, -values_to_keep:] if values_to_keep > 0 else values
 
@@ -131,9 +147,12 @@ def logprobs_and_values(
     return_entropy: bool = False,
     *,
     logits_to_keep: int = 0,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One forward of a causal LM giving log-probs (as ``sequence_logprobs``) and the values of a
     :class:`ValueHead` on its backbone's last hidden state (the shared-backbone critic).
+
+    ``padding_free``: packed rows, as ``sequence_logprobs`` (values 0 where log-probs are).
 
     Returns:
         ``(logprobs, entropy | None, values)``, each ``(B, T-1)`` fp32 (or the last
@@ -144,16 +163,8 @@ def logprobs_and_values(
     # inner module directly (OPTForCausalLM runs ``model.decoder``, not ``model``).
     lm_head = hf_model(policy).get_output_embeddings()
     with _capture_input(lm_head) as captured:
-        logprobs, entropy = sequence_logprobs(
-            policy,
-            input_ids,
-            attention_mask,
-            position_ids,
-            temperature=temperature,
-            return_entropy=return_entropy,
-            logits_to_keep=logits_to_keep,
+        logprobs, entropy, align = _logprobs_and_align(
+            policy, input_ids, attention_mask, position_ids, temperature, return_entropy, logits_to_keep, padding_free
         )
-    hidden = captured[-1][:, :-1]  # (B, T-1 | k, H): position t predicts token t+1
-    if logits_to_keep > 0:
-        hidden = hidden[:, -logits_to_keep:]
-    return logprobs, entropy, value_head(hidden)
+    # the LM head's input, aligned as the log-probs: (B, T-1 | k): position t predicts token t+1
+    return logprobs, entropy, align(value_head(captured[-1]))

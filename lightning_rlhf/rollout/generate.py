@@ -159,13 +159,18 @@ class Rollout:
         return input_ids, attention_mask, default_position_ids(attention_mask)
 
     def response_logprobs(
-        self, model: torch.nn.Module, temperature: float = 1.0, return_entropy: bool = False
+        self,
+        model: torch.nn.Module,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        padding_free: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropy) of the response tokens under `model`, with one forward.
 
         Returns `(N, R)` fp32 log-probs and `(N, R)` entropy (or None), 0 outside `response_mask`.
         Keeps gradients unless called under `torch.no_grad()` (reference / old-policy log-probs).
-        The LM head runs on the response positions only.
+        The LM head runs on the response positions only. `padding_free`: the forward runs on packed
+        rows without the prompts' and responses' padding (`sequence_logprobs`), same results.
         """
         input_ids, attention_mask, position_ids = self.sequences()
         response_len = self.response_ids.shape[1]
@@ -177,6 +182,7 @@ class Rollout:
             temperature=temperature,
             return_entropy=return_entropy,
             logits_to_keep=response_len,
+            padding_free=padding_free,
         )  # (N, R): label t is response token t
         off = self.response_mask == 0
         logprobs = logprobs.masked_fill(off, 0.0)

@@ -60,6 +60,7 @@ from ..models.distributed import (
     all_reduce,
     world_size,
 )
+from ..models.forward import four_d_mask_refusal
 from ..rollout import (
     GenerationSpec,
     RewardFunctionScorer,
@@ -144,6 +145,14 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
             ``<output_dir>/step-<N>`` (None: only at the end): the ``PeriodicExport`` callback.
         output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA policy merged into its base (else the adapter folder).
+        padding_free: run the policy, reference and critic forwards of the scoring and training
+            phases on packed rows (``core.packing``: each row's real tokens, several rows per packed
+            row of at most the longest row's length, a block-diagonal 4D mask, each row's own
+            positions) instead of left/right-padded ``(N, P+R)`` rows: the same log-probs and values
+            without the padding's compute (TRL's ``padding_free``). Needs ``attn_implementation``
+            ``sdpa`` or ``eager`` (refused otherwise); a model whose sliding window is shorter than a
+            packed row runs that forward padded. Each rank packs its own micro-batches (one forward
+            per micro-batch either way).
     """
 
     data_kind = "prompt"
@@ -176,6 +185,7 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         output_dir: str | None = None,
         merge_lora: bool = True,
         tis_cap: float | None = None,
+        padding_free: bool = False,
     ):
         policy = as_spec(policy)
         super().__init__(tokenizer or policy.path, output_dir, merge_lora)
@@ -202,6 +212,7 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
             raise ValueError(f"tis_cap must be > 0 (or None: off), got {tis_cap}")
         self.automatic_optimization = False
         self.tis_cap = tis_cap
+        self.padding_free = padding_free
         self.policy_spec = policy
         self.reward_spec = as_spec(reward_model) if reward_model is not None else None
         self.reference_spec = as_spec(reference) if reference is not None else None
@@ -294,6 +305,17 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
             )
         if self.diagnostic_functions and self.diagnostic_scorer is None:
             self.diagnostic_scorer = RewardFunctionScorer(self.diagnostic_functions)
+        self.check_padding_free(policy=self.policy, reference=self.reference)
+
+    def check_padding_free(self, **models: nn.Module | None) -> None:
+        """With ``padding_free``, refuse (a ``ValueError`` naming the model and why) models whose
+        attention implementation cannot take the packed rows' 4D mask."""
+        if not self.padding_free:
+            return
+        for name, model in models.items():
+            reason = None if model is None else four_d_mask_refusal(model)
+            if reason is not None:
+                raise ValueError(f"padding_free needs a 4D attention mask, but the {name}: {reason}")
 
     def exported_model(self) -> nn.Module:
         return self.policy
@@ -385,7 +407,7 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         """``(N, R)`` fp32 log-probs of the responses under the current policy (eval mode, no grad)."""
         t = self.generation.temperature
         with eval_mode(self.policy):
-            return self._chunked(lambda r: r.response_logprobs(self.policy, t)[0], rollout)
+            return self._chunked(lambda r: r.response_logprobs(self.policy, t, padding_free=self.padding_free)[0], rollout)
 
     recompute_logprobs: bool = True
     """Recompute the rollout policy's log-probs with a no-grad forward (set by PPO and GRPO)."""
@@ -406,9 +428,9 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         t = self.generation.temperature
         if self.reference_is_adapter_off:
             with eval_mode(self.policy), self.policy.disable_adapter():
-                return self._chunked(lambda r: r.response_logprobs(self.policy, t)[0], rollout)
+                return self._chunked(lambda r: r.response_logprobs(self.policy, t, padding_free=self.padding_free)[0], rollout)
         with self.frozen_on_device("reference") as ref:
-            return self._chunked(lambda r: r.response_logprobs(ref, t)[0], rollout)
+            return self._chunked(lambda r: r.response_logprobs(ref, t, padding_free=self.padding_free)[0], rollout)
 
     def kl_shaped_rewards(
         self,

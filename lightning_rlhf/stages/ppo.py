@@ -177,6 +177,7 @@ class PPOModule(OnlineRLModule):
                 self.value_head = ValueHead(hidden_size(self.policy), dtype=DTYPES[self.policy_spec.dtype])
         elif self.critic is None:
             self.critic = self.shard(self.no_dropout(load_sequence_classifier(self.critic_model_spec())).train())
+        self.check_padding_free(critic=self.critic)
 
     def critic_parameters(self):
         module = self.value_head if self.share_backbone else self.critic
@@ -232,7 +233,9 @@ class PPOModule(OnlineRLModule):
 
     def critic_values(self, mb: Rollout) -> torch.Tensor:
         """``(n, R)`` fp32 values of the separate critic for each response token's state."""
-        return sequence_values(self.critic, *mb.sequences(), values_to_keep=mb.response_ids.shape[1])
+        return sequence_values(
+            self.critic, *mb.sequences(), values_to_keep=mb.response_ids.shape[1], padding_free=self.padding_free
+        )
 
     def actor_critic_forward(self, mb: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training forward: ``(logprobs, entropy, values)``, each ``(n, R)`` fp32, with gradients."""
@@ -240,9 +243,9 @@ class PPOModule(OnlineRLModule):
         if self.share_backbone:
             return logprobs_and_values(
                 self.policy, self.value_head, *mb.sequences(), temperature=t, return_entropy=True,
-                logits_to_keep=mb.response_ids.shape[1],
+                logits_to_keep=mb.response_ids.shape[1], padding_free=self.padding_free,
             )  # fmt: skip
-        logprobs, entropy = mb.response_logprobs(self.policy, t, return_entropy=True)
+        logprobs, entropy = mb.response_logprobs(self.policy, t, return_entropy=True, padding_free=self.padding_free)
         return logprobs, entropy, self.critic_values(mb)
 
     def ppo_loss(self, mb: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
