@@ -64,6 +64,8 @@ class MinibatchOptimisation:
         optimizer.zero_grad(set_to_none=True)
         if optimizer is self.optimizer_list()[0]:  # the actor's (first) optimiser: the policy moved
             self._policy_version += 1
+            if self._sampler_copy is not None:  # generation.dtype: the sampling copy follows, in place
+                self.update_sampler_copy()
 
     def _grad_scaler_enabled(self) -> bool:
         """Whether a GradScaler (``16-mixed``) of the Trainer or of Fabric scales the gradients."""
