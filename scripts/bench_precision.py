@@ -134,7 +134,8 @@ def table(payload: dict) -> str:
                     continue
                 cells = [f"{s['step_s'][k]:.3f}" + ("" if k.endswith(" 32") else f" ({s['fp32_over'][k]:.2f}x)") for k in keys]
                 cells += ["-"] * (len(PRECISIONS) - len(cells))
-                best = min(keys, key=lambda k: s["step_s"][k]).split(" ", 1)[1].replace("32", "fp32").replace("bf16-fp32", "bf16-32")
+                best = min(keys, key=lambda k: s["step_s"][k]).split(" ", 1)[1]
+                best = "fp32" if best == "32" else best
                 losses = " / ".join("-" if s["first_loss"][k] is None else f"{s['first_loss'][k]:.5f}" for k in keys)
                 name = "lightning-rlhf" if side == "ours" else "TRL"
                 lines.append(f"| {stage} | {name} | " + " | ".join(cells) + f" | **{best}** | {losses} |")
