@@ -36,30 +36,47 @@ def table(results: Path) -> str:
     if bf16.is_dir() and _runs(bf16):
         text += ("\n\nThe same comparisons with `--precision bf16-mixed` on both sides "
                  "(`scripts/bench/results/bf16-mixed/`):\n\n" + _table(_runs(bf16)))
-        text += "\n\n" + faster(_runs(results), _runs(bf16))
+        same_run = {}
+        for run in _runs(results).values():  # scripts/bench_precision.py's runs
+            if run.get("benchmark", "").startswith("precision"):
+                same_run |= {stage: dict(x, command=run["command"]) for stage, x in run.get("stages", {}).items()}
+        text += "\n\n" + faster(_runs(results), _runs(bf16), same_run)
     return text
 
 
-def faster(fp32: dict, bf16: dict) -> str:
-    """Which precision is faster for each side: step time at fp32 / at bf16-mixed, per comparison."""
+def faster(fp32: dict, bf16: dict, same_run: dict | None = None) -> str:
+    """Which precision is faster for each side: step time at fp32 / at bf16-mixed, per comparison.
+
+    ``same_run``: ``scripts/bench_precision.py``'s results (``precision*.json``: both precisions of both
+    sides interleaved in one run, under one load), used where they cover the stage; elsewhere the
+    ratio is across the two comparison runs (made at different times: a load change shows in it)."""
+    same_run = same_run or {}
     lines = ["Which precision is faster here, per side (step time fp32 / bf16-mixed; > 1: bf16-mixed is faster):", "",
-             "| comparison | lightning-rlhf | TRL | fastest ours / fastest TRL (tokens/s) |", "|---|---|---|---|"]  # fmt: skip
+             "| comparison | lightning-rlhf | TRL | fastest ours / fastest TRL (step time) | from |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for name in ORDER:
         a, b = fp32.get(name), bf16.get(name)
         if name not in TRL or not a or not b or "figures" not in a or "figures" not in b:
             continue
+        steps = {}
+        if name in same_run:
+            src = f"`{same_run[name]['command']}` (one run)"
+            st = same_run[name]["step_s"]
+            steps = {side: (st[f"{side} 32"], st[f"{side} bf16-mixed"]) for side in ("ours", "trl")
+                     if f"{side} 32" in st and f"{side} bf16-mixed" in st}  # fmt: skip
+        if len(steps) < 2:
+            src = "the two comparison runs (separate times)"
+            steps = {side: (a["figures"][side]["step_s"], b["figures"][side]["step_s"]) for side in ("ours", "trl")
+                     if side in a["figures"] and side in b["figures"]}  # fmt: skip
         cells = []
-        best = {}
         for side in ("ours", "trl"):
-            fa, fb = a["figures"].get(side), b["figures"].get(side)
-            if not fa or not fb:
+            if side not in steps:
                 cells.append("-")
                 continue
-            r = fa["step_s"] / fb["step_s"]
+            r = steps[side][0] / steps[side][1]
             cells.append(f"{r:.2f}x: **{'bf16-mixed' if r > 1 else 'fp32'}**")
-            best[side] = max(fa["tokens_per_s"], fb["tokens_per_s"])
-        ratio = f"{best['ours'] / best['trl']:.2f}x" if len(best) == 2 else "-"
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio} |")
+        ratio = f"{min(steps['ours']) / min(steps['trl']):.2f}x" if len(steps) == 2 else "-"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio} | {src} |")
     return "\n".join(lines)
 
 
