@@ -12,6 +12,14 @@ from the same randomly initialised Llama and the same ragged prompt batch):
     static-compile  ours, static KV cache, torch.compile, no graph (opt in with --variants)
     hf-static       transformers' generate with cache_implementation="static" (on CUDA transformers
                     then compiles the decode step itself: ~20 s first call)
+    dynamic-autocast  ours under torch.autocast(bfloat16) over the --dtype weights (what precision
+                    bf16-mixed does to the hf sampler: every weight re-cast at every decode step; opt in)
+    dynamic-bf16copy / static-bf16copy  ours on a bf16 copy of the model (``generation.dtype:
+                    bfloat16``, ``rollout.sampler_copy``), dynamic / static cache (opt in)
+
+    # fp32 sampler vs the bf16 copy, side by side, one thread (the GRPO benchmark's h512 model):
+    python scripts/bench_generate.py --threads 1 --hidden 512 --layers 8 --vocab 32000 --batch 8 \
+        --new-tokens 32 --repeats 3 --variants dynamic,dynamic-autocast,dynamic-bf16copy,static,static-bf16copy
 
 Each variant's first call (warm-up; includes CUDA-graph capture / compilation) is timed apart from
 the steady state (median of `--repeats` calls, interleaved across variants). `capture_s` is the
@@ -46,7 +54,8 @@ PRESETS = {
                       new_tokens=128, repeats=3, budget_s=170.0),  # fmt: skip
 }
 ALL_VARIANTS = ("hf", "dynamic", "static-graphs", "static-graphs-compile-grouped", "static-graphs-compile", "static",
-                "hf-static", "static-compile")  # fmt: skip
+                "hf-static", "static-compile", "dynamic-autocast", "dynamic-bf16copy", "static-bf16copy")  # fmt: skip
+OPT_IN = ("static-compile", "dynamic-autocast", "dynamic-bf16copy", "static-bf16copy")
 CUDA_ONLY = ("static-graphs", "static-graphs-compile-grouped", "static-graphs-compile", "hf-static")
 COMPILED = ("static-graphs-compile-grouped", "static-graphs-compile", "static-compile", "hf-static")
 
@@ -137,7 +146,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--variants", default=None,
-                        help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default: all but static-compile "
+                        help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default: all but {', '.join(OPT_IN)} "
                              f"on CUDA; on the CPU also without {', '.join(CUDA_ONLY)})")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=210.0, help="total time budget; later variants are skipped")
     parser.add_argument("--no-check", action="store_true", help="skip the CUDA token-equality check")
@@ -162,7 +171,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown variants {unknown}; choose from {ALL_VARIANTS}")
     else:
-        variants = [v for v in ALL_VARIANTS if v != "static-compile" and (cuda or v not in CUDA_ONLY)]
+        variants = [v for v in ALL_VARIANTS if v not in OPT_IN and (cuda or v not in CUDA_ONLY)]
     report: dict = {"args": vars(args), "torch": torch.__version__, "variants": {}, "check": {}}
     try:
         import transformers
@@ -201,9 +210,17 @@ def main() -> None:
         f"{time.perf_counter() - t0:.1f}s"
     )
 
-    def ours(**kw):
+    copies: dict = {}
+
+    def ours(sampler=None, autocast=False, **kw):
         def run() -> int:
-            r = generate(model, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1, pad_token_id=0, **kw)
+            m = model
+            if sampler is not None:  # the sampling copy, built once (its build is not timed after the warm-up)
+                from lightning_rlhf.rollout.sampler_copy import SamplerCopy
+
+                m = copies.setdefault(sampler, SamplerCopy(model, sampler)).model
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
+                r = generate(m, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1, pad_token_id=0, **kw)
             return int(r.response_mask.sum())
 
         return run
@@ -228,6 +245,9 @@ def main() -> None:
         "static-graphs-compile-grouped": ours(cache_implementation="static", cuda_graphs=True, torch_compile=True,
                                               decode_attention="grouped"),  # fmt: skip
         "hf-static": hf(cache_implementation="static"),
+        "dynamic-autocast": ours(autocast=True, cache_implementation="dynamic"),
+        "dynamic-bf16copy": ours(sampler=torch.bfloat16, cache_implementation="dynamic"),
+        "static-bf16copy": ours(sampler=torch.bfloat16, cache_implementation="static", cuda_graphs=False),
     }
 
     def once(name: str) -> tuple[float, int]:

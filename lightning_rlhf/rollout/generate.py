@@ -86,6 +86,13 @@ class GenerationSpec:
     needs the ``vllm`` extra). Evaluation always uses ``hf``."""
     vllm: VLLMSpec | None = None
     """Options of the ``vllm`` engine (None: the defaults)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights the ``hf`` engine samples with: ``auto`` (the policy itself) or a dtype: a persistent copy
+    of the policy in that dtype (LoRA merged), used only for sampling and updated in place after each
+    optimiser step (``rollout.sampler_copy``); the policy's own dtype means no copy. Like the vLLM
+    engine's, the copy's log-probs are not the trainer's: the old log-probs are then recomputed by the
+    trainer's forward and the mismatch is logged (``rollout/logprob_diff_*``, see ``tis_cap``). Not
+    with FSDP2 or a quantized policy. The ``vllm`` engine's dtype is ``vllm.dtype``."""
     cache_implementation: Literal["dynamic", "static"] = "dynamic"
     """KV cache of the ``hf`` engine (as transformers' ``GenerationConfig.cache_implementation``):
     ``dynamic`` (grown per token; the default, fastest on the CPU) or ``static`` (preallocated for
@@ -115,6 +122,15 @@ class GenerationSpec:
         if self.cache_implementation not in ("dynamic", "static"):
             raise ValueError(
                 f"generation.cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}"
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"generation.dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}"
+            )
+        if self.engine != "hf" and self.dtype != "auto":
+            raise ValueError(
+                f"generation.dtype is the hf engine's sampling dtype; with engine {self.engine!r} set "
+                f"generation.vllm.dtype instead (got generation.dtype {self.dtype!r})"
             )
         if self.vllm is None:
             self.vllm = VLLMSpec()

@@ -55,7 +55,9 @@ def build_optimizer(params, spec: OptimSpec, fused: bool = False) -> torch.optim
     elementwise ops per tensor on CPU: ~4x less optimiser time on the 512-hidden benchmark model),
     used when every parameter is a plain floating-point tensor on CPU or CUDA (else the default
     implementation, e.g. for FSDP2's DTensors). Lightning's Trainer refuses to clip the gradients of
-    a fused optimiser under its ``MixedPrecision`` plugin (``16-mixed`` and ``bf16-mixed``): pass False there."""
+    a fused optimiser under its ``MixedPrecision`` plugin (``16-mixed`` and ``bf16-mixed``):
+    ``StageModule.clip_grad_norm`` clips them itself under ``bf16-mixed`` (no GradScaler) and passes False under
+    ``16-mixed`` (a GradScaler, whose unscaling a fused optimiser does only inside its step)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -364,16 +366,34 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
             checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
 
     def _fused_adamw_ok(self) -> bool:
-        """Whether the fused AdamW can be clipped here: under a Trainer whose precision is not mixed
-        (Lightning's ``MixedPrecision`` plugin refuses to clip a fused optimiser, bf16 too), or a Fabric
-        without a GradScaler. Unknown (no Trainer or Fabric attached yet): False."""
+        """Whether the fused AdamW can be clipped here: under a Trainer without a mixed-precision GradScaler
+        (fp32, bf16-true, bf16-mixed: where Lightning's ``MixedPrecision`` plugin refuses to clip a fused
+        optimiser, ``clip_grad_norm`` clips by itself), or a Fabric without a GradScaler.
+        With a GradScaler (16-mixed) the gradients must be unscaled before clipping, which a fused
+        optimiser does only inside its step: the for-loop AdamW there. Unknown (no Trainer or Fabric
+        attached yet): False."""
         if self._trainer is not None:
             from lightning.pytorch.plugins.precision import MixedPrecision
 
-            return not isinstance(self._trainer.precision_plugin, MixedPrecision)
+            plugin = self._trainer.precision_plugin
+            return not isinstance(plugin, MixedPrecision) or plugin.scaler is None
         if self._fabric is not None:
             return getattr(getattr(self._fabric, "_precision", None), "scaler", None) is None
         return False
+
+    def clip_grad_norm(self, optimizer, max_norm: float) -> None:
+        """Clip ``optimizer``'s gradients to the total norm ``max_norm`` with Lightning's ``clip_gradients``;
+        a fused AdamW under ``bf16-mixed`` is clipped here, as Lightning's ``MixedPrecision`` plugin would
+        had it not refused fused optimisers (no GradScaler there: the gradients are already unscaled)."""
+        from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and _optimizer_handles_unscaling(optimizer):
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     def throughput(self, n_tokens: int) -> float | None:
         """Tokens per second since the previous call (None on the first)."""
@@ -431,4 +451,4 @@ class OfflineStageModule(StageModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.optim.max_grad_norm
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            self.clip_grad_norm(optimizer, clip)

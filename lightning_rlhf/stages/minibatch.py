@@ -58,12 +58,13 @@ class MinibatchOptimisation:
     def clip_and_step(self, optimizer, max_grad_norm: float | None) -> None:
         """Clip the gradients to ``max_grad_norm`` (of the unscaled gradients), step, zero."""
         if max_grad_norm:
-            clip = max_grad_norm * self._loss_scale()
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            self.clip_grad_norm(optimizer, max_grad_norm * self._loss_scale())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if optimizer is self.optimizer_list()[0]:  # the actor's (first) optimiser: the policy moved
             self._policy_version += 1
+            if self._sampler_copy is not None:  # generation.dtype: the sampling copy follows, in place
+                self.update_sampler_copy()
 
     def _grad_scaler_enabled(self) -> bool:
         """Whether a GradScaler (``16-mixed``) of the Trainer or of Fabric scales the gradients."""

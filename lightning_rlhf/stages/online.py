@@ -414,9 +414,10 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
 
     def rollout_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """``(N, R)`` log-probs of the rollout policy, the ratio's denominator, 0 off the mask: recomputed
-        (``policy_logprobs``) with ``recompute_logprobs`` or the vLLM engine (whose log-probs only enter
-        through TIS), else those recorded while sampling. The one place this is decided."""
-        if self.recompute_logprobs or self.generation.engine != "hf":
+        (``policy_logprobs``) with ``recompute_logprobs`` or a sampler whose log-probs are not the
+        trainer's (the vLLM engine, a ``generation.dtype`` copy: theirs only enter through TIS), else
+        those recorded while sampling. The one place this is decided."""
+        if self.recompute_logprobs or not self.sampler_logprobs_are_trainers():
             return self.policy_logprobs(rollout)
         return rollout.logprobs.masked_fill(rollout.response_mask == 0, 0.0)
 

@@ -116,10 +116,12 @@ class PPOModule(OnlineRLModule):
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
-        if not recompute_logprobs and self.generation.engine != "hf":
+        if not recompute_logprobs and (self.generation.engine != "hf" or self.generation.dtype != "auto"):
+            what = (f"generation.engine={self.generation.engine!r}" if self.generation.engine != "hf"
+                    else f"generation.dtype={self.generation.dtype!r}")  # fmt: skip
             raise ValueError(
                 "PPOModule: recompute_logprobs=False takes the old log-probs from the sampler, but with "
-                f"generation.engine={self.generation.engine!r} they are the engine's, not the trainer's; keep "
+                f"{what} they are the sampler's, not the trainer's; keep "
                 "recompute_logprobs=True (and use tis_cap to correct the mismatch)"
             )
         for name, size in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):

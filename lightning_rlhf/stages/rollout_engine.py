@@ -1,10 +1,11 @@
 """The rollout side of the online stages: the rollout's own random generator, sampling with the
-``hf`` sampler or the colocated vLLM engine (built on first use, synced with the policy every
-``sync_every`` optimiser steps, closed at teardown), and the engine-vs-trainer correction (TIS).
+``hf`` sampler (from the policy, or from its low-precision copy with ``generation.dtype``: updated
+in place after each optimiser step) or the colocated vLLM engine (built on first use, synced with the
+policy every ``sync_every`` optimiser steps, closed at teardown), and the engine-vs-trainer correction (TIS).
 
 :class:`RolloutEngine` is a mixin of :class:`~lightning_rlhf.stages.online.OnlineRLModule`: it reads
 the module's ``policy``, ``tokenizer``, ``generation``, ``seed``, ``tis_cap`` and ``_policy_version``,
-and keeps ``_engine``, ``_generator`` and ``_pending_generator_state``.
+and keeps ``_engine``, ``_sampler_copy``, ``_generator`` and ``_pending_generator_state``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..core import truncated_importance_weights
 from ..models.distributed import gathered_once, world_size
 from ..rollout import Rollout
 from ..rollout import generate as sample_rollout
+from ..rollout.sampler_copy import DTYPES, SamplerCopy
 
 
 class RolloutEngine:
@@ -67,9 +69,10 @@ class RolloutEngine:
             generator=self.generator,
         )
         if g.engine == "hf":
+            model = self.sampling_model()
             with gathered_once(self.policy, self.rollout_gathered_once):  # FSDP2: gather once per rollout
                 return sample_rollout(
-                    self.policy,
+                    model,
                     batch["input_ids"],
                     batch["attention_mask"],
                     sync_stop=world_size() > 1,
@@ -82,6 +85,48 @@ class RolloutEngine:
         engine = self.rollout_engine()
         self.sync_engine()
         return engine.generate(batch["input_ids"], batch["attention_mask"], **kwargs)
+
+    _sampler_copy: SamplerCopy | None = None
+    _sampler_version: int | None = None
+
+    def sampler_dtype(self) -> torch.dtype | None:
+        """The dtype of the ``hf`` sampler's copy of the policy (``generation.dtype``); None: the
+        sampler uses the policy itself (``auto``, the vllm engine, or a policy already in that dtype)."""
+        name = self.generation.dtype
+        if self.generation.engine != "hf" or name == "auto":
+            return None
+        dtype = DTYPES[name]
+        if all(p.dtype == dtype for p in self.policy.parameters() if p.is_floating_point()):
+            return None
+        return dtype
+
+    def sampler_logprobs_are_trainers(self) -> bool:
+        """Whether the log-probs recorded while sampling are the trainer's (the ``hf`` engine on the
+        policy itself); else the old log-probs come from the trainer's forward (``rollout_logprobs``)
+        and the mismatch is logged (``engine_correction``)."""
+        return self.generation.engine == "hf" and self.sampler_dtype() is None
+
+    def sampling_model(self) -> torch.nn.Module:
+        """What the ``hf`` engine samples from: the policy, or its ``generation.dtype`` copy (built on
+        first use, brought up to date first if the policy moved since its last update)."""
+        if self.sampler_dtype() is None:
+            return self.policy
+        self.update_sampler_copy()
+        return self._sampler_copy.model
+
+    def update_sampler_copy(self) -> None:
+        """Write the policy's weights into the sampling copy (in place) if it exists and is behind the
+        policy, or build it when asked for and missing; the time goes to ``time/weight_sync``. Called
+        after each policy optimiser step (``clip_and_step``) and before sampling."""
+        if self.sampler_dtype() is None:
+            return
+        if self._sampler_copy is None:
+            with self.timed("weight_sync"):
+                self._sampler_copy = SamplerCopy(self.policy, self.sampler_dtype())
+        elif self._sampler_version != self._policy_version:
+            with self.timed("weight_sync"):
+                self._sampler_copy.sync(self.policy)
+        self._sampler_version = self._policy_version
 
     def rollout_engine(self):
         """The colocated ``VLLMEngine`` (``generation.engine == "vllm"``), built on first use."""
@@ -114,18 +159,19 @@ class RolloutEngine:
     def teardown(self, stage: str) -> None:
         super().teardown(stage)
         self.close_engine()
+        self._sampler_copy = None  # rebuilt from the policy by the next rollout (its weights may be reloaded)
 
     def engine_correction(
         self, mb: Rollout, old_logprobs: torch.Tensor
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The TIS weights of a micro-batch (None with ``tis_cap`` off) and the engine-vs-trainer
         statistics (``rollout/logprob_diff_mean`` / ``_max``, ``rollout/tis_weight_mean`` /
-        ``rollout/tis_clip_frac``; logged as their mean over micro-batches; none with the ``hf``
-        engine and TIS off).
+        ``rollout/tis_clip_frac``; logged as their mean over micro-batches; none with TIS off where
+        the sampler's log-probs are the trainer's: the ``hf`` engine without a ``generation.dtype`` copy).
 
         ``old_logprobs``: ``(n, R)`` the trainer's log-probs of the rollout policy; the engine's are
         ``mb.logprobs``."""
-        if self.tis_cap is None and self.generation.engine == "hf":
+        if self.tis_cap is None and self.sampler_logprobs_are_trainers():
             return None, {}
         weights, stats = truncated_importance_weights(
             old_logprobs, mb.logprobs, mb.response_mask, self.tis_cap or 1.0

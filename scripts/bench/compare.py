@@ -35,6 +35,10 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
         p.add_argument("--generations", type=int, default=4, help="samples per prompt (group size)")
         p.add_argument("--new-tokens", dest="new_tokens", type=int, default=32, help="max new tokens per sample")
         p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (both sides)")
+        p.add_argument("--sampler-dtype", dest="sampler_dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                       help="also run OUR side with generation.dtype set to this (the hf sampler's low-precision copy "
+                            "of the policy), as an extra side 'ours_sampler' reported in its own labelled row; "
+                            "the ours/TRL comparison stays the default (generation.dtype auto)")  # fmt: skip
     else:
         add_common_args(p)
     if task in ("reward", "dpo"):  # also ours with share_prompt off, side by side in the same run
@@ -51,6 +55,8 @@ def run(task: str, args: argparse.Namespace) -> dict:
     peaks = matmul_peak(cfg["device"], cfg["threads"])
     print(f"[{task}] matmul peak here: fp32 {peaks['fp32']:.3f}, bf16 {peaks['bf16']:.3f} TFLOP/s", flush=True)
     sides = args.sides.split(",")
+    if getattr(args, "sampler_dtype", None) and "ours_sampler" not in sides:
+        sides.append("ours_sampler")
     jobs = {s: {"task": task, "side": s, "cfg": cfg, "assets": assets} for s in sides}
     n_params = matmul_params(assets["classifier" if task == "reward" else "policy"])
     try:
@@ -98,6 +104,12 @@ def run(task: str, args: argparse.Namespace) -> dict:
             "peak_mib": o["peak_mib"] / t["peak_mib"],
             "peak_minus_import_mib": o["peak_minus_import_mib"] / t["peak_minus_import_mib"],
         }  # fmt: skip
+        if "ours_sampler" in figures:  # our side with generation.dtype: a separate, labelled figure
+            a = figures["ours_sampler"]
+            out["ours_sampler_over_trl"] = {"tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"],
+                                            "step_time": a["step_s"] / t["step_s"], "sampler_dtype": cfg["sampler_dtype"]}  # fmt: skip
+            out["ours_sampler_over_ours"] = {"step_time": a["step_s"] / o["step_s"],
+                                             "generate": a["phases"]["generate"] / o["phases"]["generate"]}  # fmt: skip
         if "ours_apart" in figures:
             a = figures["ours_apart"]
             out["ours_apart_over_trl"] = {"tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"],
@@ -130,7 +142,9 @@ def table(task: str, out: dict) -> str:
         cols[-1:] = ["generate s", "score s", "rest s", "mean response len"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for s, f in fig.items():
-        name = {"ours": "lightning-rlhf", "ours_apart": "lightning-rlhf, share_prompt off"}.get(s, f"TRL {TRL_NAME[task]}")
+        name = {"ours": "lightning-rlhf", "ours_apart": "lightning-rlhf, share_prompt off",
+                "ours_sampler": f"lightning-rlhf, generation.dtype {cfg.get('sampler_dtype')} (ours only)"}.get(
+            s, f"TRL {TRL_NAME[task]}")  # fmt: skip
         row = [name, fmt(f["step_s"]), fmt(f["tokens_per_s"], ".0f"), fmt(100 * f["mfu"], ".1f") + "%",
                fmt(f["peak_mib"], ".0f"), fmt(f["peak_minus_import_mib"], ".0f")]  # fmt: skip
         if online:
@@ -143,6 +157,10 @@ def table(task: str, out: dict) -> str:
         r = out["ours_over_trl"]
         lines += ["", f"ours/TRL: tokens/s {r['tokens_per_s']:.2f}x, step time {r['step_time']:.2f}x, "
                   f"peak memory {r['peak_mib']:.2f}x (minus imports {r['peak_minus_import_mib']:.2f}x)"]  # fmt: skip
+    if "ours_sampler_over_trl" in out:
+        r, q = out["ours_sampler_over_trl"], out["ours_sampler_over_ours"]
+        lines += [f"ours with generation.dtype {r['sampler_dtype']} (not the default comparison): step time "
+                  f"{r['step_time']:.2f}x TRL's, {q['step_time']:.2f}x ours at the default (generation {q['generate']:.2f}x)"]  # fmt: skip
     if "ours_apart_over_trl" in out:
         lines += [f"share_prompt off/TRL: tokens/s {out['ours_apart_over_trl']['tokens_per_s']:.2f}x; "
                   f"share_prompt on/off step time {out['ours_over_ours_apart']['step_time']:.2f}x"]  # fmt: skip

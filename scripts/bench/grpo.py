@@ -2,6 +2,10 @@
 transformers-model generation (ours: its KV-cache sampler; TRL: model.generate), no vLLM.
 
     python scripts/bench/grpo.py [--size mid|small] [--device cpu|cuda] [--precision 32|bf16-mixed] [--rounds 2]
+                                 [--sampler-dtype bfloat16]
+
+``--sampler-dtype``: also our side sampling from a low-precision copy of the policy
+(``generation.dtype``), reported as its own labelled row (side ``ours_sampler``); ours/TRL stays the default.
 
 Writes scripts/bench/results/grpo.json and grpo.md (see common.py for the figures and MFU).
 """

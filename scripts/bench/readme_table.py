@@ -3,7 +3,9 @@
     python scripts/bench/readme_table.py [--results DIR] [--readme README.md] [--check]
 
 Replaces the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in the README;
-``--check`` only says whether the README is up to date (exit 1 if not).
+``--check`` only says whether the README is up to date (exit 1 if not). Runs at
+``--precision bf16-mixed`` kept in ``DIR/bf16-mixed/`` get a table of their own, then a table of which
+precision is faster for each side (step time fp32 / bf16-mixed, per comparison).
 """
 
 from __future__ import annotations
@@ -24,8 +26,61 @@ def _pct(x):
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _runs(results: Path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+
 def table(results: Path) -> str:
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+    text = _table(_runs(results))
+    bf16 = results / "bf16-mixed"
+    if bf16.is_dir() and _runs(bf16):
+        text += ("\n\nThe same comparisons with `--precision bf16-mixed` on both sides "
+                 "(`scripts/bench/results/bf16-mixed/`):\n\n" + _table(_runs(bf16)))
+        same_run = {}
+        for run in _runs(results).values():  # scripts/bench_precision.py's runs
+            if run.get("benchmark", "").startswith("precision"):
+                same_run |= {stage: dict(x, command=run["command"]) for stage, x in run.get("stages", {}).items()}
+        text += "\n\n" + faster(_runs(results), _runs(bf16), same_run)
+    return text
+
+
+def faster(fp32: dict, bf16: dict, same_run: dict | None = None) -> str:
+    """Which precision is faster for each side: step time at fp32 / at bf16-mixed, per comparison.
+
+    ``same_run``: ``scripts/bench_precision.py``'s results (``precision*.json``: both precisions of both
+    sides interleaved in one run, under one load), used where they cover the stage; elsewhere the
+    ratio is across the two comparison runs (made at different times: a load change shows in it)."""
+    same_run = same_run or {}
+    lines = ["Which precision is faster here, per side (step time fp32 / bf16-mixed; > 1: bf16-mixed is faster):", "",
+             "| comparison | lightning-rlhf | TRL | fastest ours / fastest TRL (step time) | from |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name in ORDER:
+        a, b = fp32.get(name), bf16.get(name)
+        if name not in TRL or not a or not b or "figures" not in a or "figures" not in b:
+            continue
+        steps = {}
+        if name in same_run:
+            src = f"`{same_run[name]['command']}` (one run)"
+            st = same_run[name]["step_s"]
+            steps = {side: (st[f"{side} 32"], st[f"{side} bf16-mixed"]) for side in ("ours", "trl")
+                     if f"{side} 32" in st and f"{side} bf16-mixed" in st}  # fmt: skip
+        if len(steps) < 2:
+            src = "the two comparison runs (separate times)"
+            steps = {side: (a["figures"][side]["step_s"], b["figures"][side]["step_s"]) for side in ("ours", "trl")
+                     if side in a["figures"] and side in b["figures"]}  # fmt: skip
+        cells = []
+        for side in ("ours", "trl"):
+            if side not in steps:
+                cells.append("-")
+                continue
+            r = steps[side][0] / steps[side][1]
+            cells.append(f"{r:.2f}x: **{'bf16-mixed' if r > 1 else 'fp32'}**")
+        ratio = f"{min(steps['ours']) / min(steps['trl']):.2f}x" if len(steps) == 2 else "-"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio} | {src} |")
+    return "\n".join(lines)
+
+
+def _table(runs: dict) -> str:
     cmp_rows, other = [], []
     machine = None
     for name in ORDER:
@@ -49,6 +104,14 @@ def table(results: Path) -> str:
                 f"| {f['ours']['peak_mib']:.0f} / {f['trl']['peak_mib']:.0f} ({q['peak_mib']:.2f}x; net {q['peak_minus_import_mib']:.2f}x) "
                 f"| {loss} | `{r['command']}` |"
             )  # fmt: skip
+            if "ours_sampler_over_trl" in r:  # our side with generation.dtype: labelled, never the default row
+                a, q = f["ours_sampler"], r["ours_sampler_over_trl"]
+                cmp_rows.append(
+                    f"| {name}, ours with `generation.dtype: {q['sampler_dtype']}` (not the default comparison) vs TRL {TRL[name]} "
+                    f"| same | {a['tokens_per_s']:.0f} / {f['trl']['tokens_per_s']:.0f} ({q['tokens_per_s']:.2f}x) "
+                    f"| {q['step_time']:.2f}x (ours default: {q['step_time'] / r['ours_sampler_over_ours']['step_time']:.2f}x) "
+                    f"| - | {a['peak_mib']:.0f} / {f['trl']['peak_mib']:.0f} | - | `{r['command']}` |"
+                )  # fmt: skip
         elif "summary" in r:
             other.append(f"| {name} | {r['summary']} | `{r['command']}` |")
     if machine is None:

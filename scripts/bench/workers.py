@@ -1,7 +1,8 @@
 """One benchmark side in this (fresh) process: ``python workers.py '<job json>'``.
 
 A job is ``{"task": sft|reward|dpo|grpo|rloo|ppo, "side": ours|ours_apart|trl, "cfg": {...}, "assets": {...}}``
-(``ours_apart``: reward model / DPO with ``share_prompt=False``)
+(``ours_apart``: reward model / DPO with ``share_prompt=False``; ``ours_sampler``: GRPO / RLOO
+with ``generation.dtype`` = ``cfg["sampler_dtype"]``)
 (see ``common.py``). Trains ``warmup + steps`` optimiser steps, times each step, and prints one JSON
 line: ``step_s`` (median timed step), ``step_times``, ``first_loss`` (loss of the first batch, before
 any update), ``peak_mib`` / ``peak_minus_import_mib`` (CPU RSS high-water mark; GPU allocator
@@ -103,7 +104,8 @@ def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
         from lightning_rlhf.rollout import GenerationSpec
 
         common = dict(optim=optim, log_samples_every_n_steps=0,
-                      generation=GenerationSpec(max_new_tokens=cfg["new_tokens"], temperature=1.0))  # fmt: skip
+                      generation=GenerationSpec(max_new_tokens=cfg["new_tokens"], temperature=1.0,
+                                                dtype=cfg["sampler_dtype"] if cfg.get("ours_sampler") else "auto"))  # fmt: skip
         if task == "ppo":
             # A reward model (not a function) as in TRL's PPO; the critic is a value head on the
             # policy's backbone (share_backbone) or, without, a trainable copy of the reward model.
@@ -361,7 +363,9 @@ def main() -> None:
     base = current_rss_mib()
     if job["side"] == "ours_apart":  # ours with share_prompt off: the pairs' two rows scored apart
         cfg = dict(cfg, share_prompt=False)
-    fn = {"ours": ours, "ours_apart": ours, "trl": trl_side, "trl_old": trl_ppo}[job["side"]]
+    if job["side"] == "ours_sampler":  # ours with generation.dtype = cfg["sampler_dtype"] (online tasks)
+        cfg = dict(cfg, ours_sampler=True)
+    fn = {"ours": ours, "ours_apart": ours, "ours_sampler": ours, "trl": trl_side, "trl_old": trl_ppo}[job["side"]]
     res = fn(job["task"], cfg, job["assets"], base)
     after = matmul_peak(cfg["device"], cfg["threads"])
     res["matmul_peak_tflops"] = {k: (before[k] + after[k]) / 2 for k in before}
