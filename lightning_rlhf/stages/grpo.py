@@ -97,7 +97,7 @@ class GRPOModule(OnlineRLModule):
         beta: KL coefficient to the reference (the initial one with ``kl_target``). 0: no KL and no
             reference model is loaded at all.
         kl_in_reward: subtract ``beta * sum_t KL_t`` (on the sampling policy's log-probs;
-            the trainer's forward with the vllm engine)
+            the trainer's forward with the vllm engine or ``generation.dtype``)
             from each sequence reward before the group advantages, instead of adding
             ``beta * KL`` to the loss.
         kl_estimator: per-token KL estimator; ``k3`` as in GRPO (unbiased, non-negative).
@@ -277,11 +277,12 @@ class GRPOModule(OnlineRLModule):
         """``(N, R)`` log-probs of the sampling policy that the rollout's per-token KL is taken from.
 
         Those recorded while sampling (no extra forward), unless they are not the trainer's (the vllm
-        engine: bf16 kernels, weights possibly ``sync_every`` steps old) and the KL steers training
-        (``kl_in_reward`` or ``kl_target``): then the trainer's (``old_logprobs``, or one no-grad
-        forward). Otherwise the engine's log-probs only enter the logged ``rollout/kl``."""
+        engine or a ``generation.dtype`` copy: other kernels and precision, vllm's weights possibly
+        ``sync_every`` steps old) and the KL steers training (``kl_in_reward`` or ``kl_target``): then
+        the trainer's (``old_logprobs``, or one no-grad forward). Otherwise the sampler's log-probs only
+        enter the logged ``rollout/kl``."""
         steers = ref_logprobs is not None and (self.kl_in_reward or self.kl_target is not None)
-        if not steers or self.generation.engine == "hf":
+        if not steers or self.sampler_logprobs_are_trainers():
             return rollout.logprobs
         return self.rollout_logprobs(rollout) if old_logprobs is None else old_logprobs
 
