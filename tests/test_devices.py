@@ -27,7 +27,7 @@ FACTORIES = {
 ALLOWED = {
     ("data/collate.py", "pad"): "collators build CPU batches; Lightning moves them to the device",
     ("data/collate.py", "__call__"): "collators build CPU batches; Lightning moves them to the device",
-    ("data/datamodule.py", "_make_train_loader"): "a DataLoader's shuffling generator must be on the CPU",
+    ("data/datamodule.py", "train_dataloader"): "a DataLoader's shuffling generator must be on the CPU",
     ("rollout/vllm_engine.py", "generate"): "vLLM returns Python lists: the rows are assembled on the CPU "
     "and moved to the device once",
     ("rollout/scoring.py", "__call__"): "Python reward functions' scores, moved to the device by the stage",
