@@ -1,7 +1,8 @@
-"""padding_free under DDP and FSDP2 (2 processes, gloo; under FSDP2 every forward is a collective, so
-a rank that ran a different number of forwards would hang and the timeout fail the test): each rank packs its own micro-batches; a GRPO run of two
-rollout steps (ragged prompts and responses, KL to a reference, 2 iterations, micro-batches) ends with
-the padded run's weights (1e-5; seen: 8e-7), and both ranks agree to the last bit."""
+"""padding_free under DDP and FSDP2 (2 processes, gloo). Each rank packs its own micro-batches (one
+forward per micro-batch either way; under FSDP2 every forward is a collective, so a rank that ran a
+different number would hang and the timeout fail the test). A GRPO run of two rollout steps (ragged
+prompts and responses, KL to a reference, 2 iterations, micro-batches) ends with the padded run's
+weights (1e-5; seen: 8e-7 under DDP), and both ranks agree to the last bit."""
 
 from __future__ import annotations
 
