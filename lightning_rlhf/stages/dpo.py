@@ -78,6 +78,9 @@ class DPOModule(OfflineStageModule):
         padding_free: with ``share_prompt``, pack several ``[prompt, chosen, rejected]`` rows into
             one row of at most the longest one's length (``core.packing``: block-diagonal mask, each
             pair's own positions), so short pairs share a row instead of padding; same log-probs.
+        packed_length: with ``padding_free``, the tokens of a packed row (at least the batch's longest
+            shared row; None: that longest row, so only pairs that fit beside each other share a row).
+            Longer rows pack more pairs at a quadratic attention cost (dense 4D mask).
     """
 
     data_kind = "preference"
@@ -100,6 +103,7 @@ class DPOModule(OfflineStageModule):
         output_dir: str | None = None,
         merge_lora: bool = True,
         padding_free: bool = False,
+        packed_length: int | None = None,
     ):
         if loss_type not in LossType.__args__:
             raise ValueError(f"loss_type must be one of {LossType.__args__}, got {loss_type!r}")
@@ -124,6 +128,7 @@ class DPOModule(OfflineStageModule):
         self.disable_dropout = disable_dropout
         self.share_prompt = share_prompt
         self.padding_free = padding_free
+        self.packed_length = packed_length
         self.policy: torch.nn.Module | None = None
         # split -> (N, 2) fp32 summed reference log-probs of (chosen, rejected) by record index; NaN = missing
         self.ref_cache: dict[str, torch.Tensor] = {}
@@ -200,7 +205,9 @@ class DPOModule(OfflineStageModule):
             return None
         chosen_cols, rejected_cols, branch_col, branch_label = completion_columns(shared)  # (B, T'-1) x2, (B,) x2
         if self.padding_free:
-            out = packed_shared_logps(model, shared, chosen_cols, rejected_cols, branch_col, branch_label)
+            out = packed_shared_logps(
+                model, shared, chosen_cols, rejected_cols, branch_col, branch_label, max_tokens=self.packed_length
+            )
             if out is not None:
                 return out
         mask = shared_prompt_mask(model, attention_allowed(shared.segment))
@@ -379,8 +386,9 @@ def packed_shared_logps(
     rejected_cols: torch.Tensor,
     branch_col: torch.Tensor,
     branch_label: torch.Tensor,
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``DPOModule.completion_logps`` of shared-prompt rows packed several to a row
+    """``DPOModule.completion_logps`` of shared-prompt rows packed several to a row (of ``max_tokens``)
     (``models.forward.packed_forward``; the arguments as ``core.prefix.completion_columns`` gives them),
     or None when packing saves nothing or the model cannot take the mask (score the rows as they are)."""
     b, width = shared.input_ids.shape
@@ -388,7 +396,8 @@ def packed_shared_logps(
     col = torch.arange(width, device=real.device)[None]
     keep = real & (col >= branch_col[:, None]) & (col < width - 1)  # the columns that predict a completion token
     packed = packed_forward(
-        model, shared.input_ids, real, shared.position_ids, keep=keep, allowed=attention_allowed(shared.segment)
+        model, shared.input_ids, real, shared.position_ids, keep=keep, allowed=attention_allowed(shared.segment),
+        max_tokens=max_tokens,
     )
     if packed is None:
         return None

@@ -58,6 +58,9 @@ class RewardModule(OfflineStageModule):
         padding_free: with ``share_prompt``, pack several ``[prompt, chosen, rejected]`` rows into
             one row of at most the longest one's length (``core.packing``: block-diagonal mask, each
             pair's own positions), so short pairs share a row instead of padding; same scores.
+        packed_length: with ``padding_free``, the tokens of a packed row (at least the batch's longest
+            shared row; None: that longest row). Longer rows pack more pairs at a quadratic attention
+            cost (dense 4D mask).
     """
 
     data_kind = "preference"
@@ -73,6 +76,7 @@ class RewardModule(OfflineStageModule):
         output_dir: str | None = None,
         merge_lora: bool = True,
         padding_free: bool = False,
+        packed_length: int | None = None,
     ):
         model = as_spec(model)
         if model.lora is not None:
@@ -84,6 +88,7 @@ class RewardModule(OfflineStageModule):
         self.use_margin = use_margin
         self.share_prompt = share_prompt
         self.padding_free = padding_free
+        self.packed_length = packed_length
         self.model: torch.nn.Module | None = None
         self.train_accuracy = BinaryAccuracy()
         self.val_accuracy = BinaryAccuracy()
@@ -112,7 +117,7 @@ class RewardModule(OfflineStageModule):
                 real = shared.segment != PAD
                 packed = packed_forward(
                     self.model, shared.input_ids, real, shared.position_ids, keep=keep,
-                    allowed=attention_allowed(shared.segment),
+                    allowed=attention_allowed(shared.segment), max_tokens=self.packed_length,
                 )  # fmt: skip
             if packed is not None:  # several pairs per row: the scores at the kept (last) tokens
                 packing, kwargs = packed

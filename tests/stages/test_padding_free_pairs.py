@@ -28,22 +28,27 @@ def pref_file(tmp_path_factory, write_jsonl):
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", recs)
 
 
-def assert_packs(model, batch) -> None:
+def assert_packs(model, batch, max_tokens=None) -> None:
     """The batch's shared rows do pack (two short pairs share a row): the packed path is taken."""
     shared = share_prompt(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     real = shared.segment != 3
-    out = packed_forward(model, shared.input_ids, real, shared.position_ids, allowed=attention_allowed(shared.segment))
+    allowed = attention_allowed(shared.segment)
+    out = packed_forward(model, shared.input_ids, real, shared.position_ids, allowed=allowed, max_tokens=max_tokens)
     assert out is not None and out[0].input_ids.shape[0] < shared.input_ids.shape[0]
+    if max_tokens is not None and max_tokens >= int(real.sum()):
+        assert out[0].input_ids.shape[0] == 1
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_dpo_packed_pairs_equal_shared_rows(tiny_model_dir, pref_file, attn):
+@pytest.mark.parametrize(("attn", "packed_length"), [("sdpa", None), ("eager", None), ("sdpa", 1000)])
+def test_dpo_packed_pairs_equal_shared_rows(tiny_model_dir, pref_file, attn, packed_length):
+    """packed_length None: the longest shared row (the two short pairs share a row); 1000: all four pairs
+    in one packed row."""
     packed, rows = dpo(tiny_model_dir, True, attn=attn), dpo(tiny_model_dir, True, attn=attn)
-    packed.padding_free = True
+    packed.padding_free, packed.packed_length = True, packed_length
     perturb(packed.policy)
     rows.policy.load_state_dict(packed.policy.state_dict())
     batch = batch_of(packed.tokenizer, pref_file)
-    assert_packs(packed.policy, batch)
+    assert_packs(packed.policy, batch, packed_length)
     p_sums, p_counts = packed.completion_logps(packed.policy, batch)
     r_sums, r_counts = rows.completion_logps(rows.policy, batch)
     assert torch.equal(p_counts, r_counts)
