@@ -178,20 +178,24 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     tokens = {n: (int(ro.prompt_mask.sum() + ro.response_mask.sum()), ro.prompt_ids.numel() + ro.response_ids.numel())
               for n, ro in cases.items()}  # fmt: skip
-    print(f"\n{args.rows} rows, prompts {args.prompt_min}-{args.prompt_max}, responses {args.max_new_tokens} "
-          f"(early: half at {args.max_new_tokens // 4}), micro-batch {args.micro_batch}, h{args.hidden}/"
-          f"{args.layers} layers/V{args.vocab}, {args.attn}, {args.rounds} rounds, "
-          f"threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"{'stage':5} {'case':6} {'real/padded tokens':>19} {'phase':6} {'padded s':>9} {'packed s':>9} {'packed/padded':>14}")
     rows = []
     if pairs is not None:
         a = med["dpo/padded"]
-        print(f"dpo, {args.pairs} pairs of shared-prompt rows (longest {longest} tokens), policy forward + backward:")
+        print(f"dpo, {args.pairs} pairs of shared-prompt rows (prompts {args.prompt_min}-{args.prompt_max}, completions "
+              f"8-{args.max_new_tokens}, longest row {longest} tokens), h{args.hidden}/{args.layers} layers/V{args.vocab}, "
+              f"{args.attn}, policy forward + backward, median of {args.rounds}:")  # fmt: skip
         for name in variants:
             print(f"  {name:12} {med[f'dpo/{name}']:8.3f} s  {med[f'dpo/{name}'] / a:5.2f}x")
             rows.append({"stage": "dpo", "case": name, "phase": "train", "padded_s": a, "packed_s": med[f"dpo/{name}"],
                          "ratio": med[f"dpo/{name}"] / a})  # fmt: skip
-    for stage in (s for s in stages if s != "dpo"):
+    online = [s for s in stages if s != "dpo"]
+    if online:
+        print(f"\n{args.rows} rows, prompts {args.prompt_min}-{args.prompt_max}, responses {args.max_new_tokens} "
+              f"(early: half at {args.max_new_tokens // 4}), micro-batch {args.micro_batch}, h{args.hidden}/"
+              f"{args.layers} layers/V{args.vocab}, {args.attn}, {args.rounds} rounds, "
+              f"threads {torch.get_num_threads()}")  # fmt: skip
+        print(f"{'stage':5} {'case':6} {'real/padded tokens':>19} {'phase':6} {'padded s':>9} {'packed s':>9} {'packed/padded':>14}")
+    for stage in online:
         for name in cases:
             for phase in ("score", "train"):
                 a, b = med[f"{stage}/{name}/padded/{phase}"], med[f"{stage}/{name}/packed/{phase}"]
