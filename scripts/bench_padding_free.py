@@ -17,6 +17,11 @@ variants give the same log-probs. Run with OMP_NUM_THREADS=1 on an otherwise qui
 
     OMP_NUM_THREADS=1 python scripts/bench_padding_free.py              # GRPO and PPO, early and full
     OMP_NUM_THREADS=1 python scripts/bench_padding_free.py --stages grpo --rounds 3
+    OMP_NUM_THREADS=1 python scripts/bench_padding_free.py --stages dpo --pairs 8   # DPO pair packing
+
+``dpo``: a batch of ``--pairs`` preference pairs (prompts as above, completions of 8..``--max-new-tokens``
+tokens), the policy's forward + backward of the shared-prompt rows (``share_prompt``, the default) with
+and without packing several of them into one row.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ import argparse
 import json
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from lightning_rlhf.models.value import sequence_values
 from lightning_rlhf.rollout import Experience, Rollout
+from lightning_rlhf.stages.dpo import DPOModule
 
 
 def make_rollout(args, early: bool, g: torch.Generator) -> Rollout:
@@ -77,6 +84,31 @@ def training(policy, critic, ro: Rollout, micro: list[torch.Tensor], padding_fre
             model.zero_grad(set_to_none=True)
 
 
+def make_pairs(args, g: torch.Generator) -> dict:
+    """A DPO batch of ``--pairs`` pairs: prompts ``--prompt-min``..``--prompt-max``, completions 8..``--max-new-tokens``
+    tokens (uniform), as the collator gives it: 2B right-padded rows, chosen rows first."""
+    b = args.pairs
+    plen = torch.randint(args.prompt_min, args.prompt_max + 1, (b,), generator=g)
+    clen = torch.randint(8, args.max_new_tokens + 1, (2 * b,), generator=g)
+    plen2 = plen.repeat(2)
+    width = int((plen2 + clen).max())
+    col = torch.arange(width)[None]
+    attn = (col < (plen2 + clen)[:, None]).long()
+    loss = attn * (col >= plen2[:, None]).long()
+    ids = torch.randint(1, args.vocab, (2 * b, width), generator=g) * attn
+    ids[b:, : args.prompt_max] = torch.where(col[:, : args.prompt_max] < plen[:, None], ids[:b, : args.prompt_max], ids[b:, : args.prompt_max])
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def dpo_step(policy, batch: dict, padding_free: bool, packed_length: int | None = None) -> torch.Tensor:
+    """The policy's forward + backward of one DPO batch from shared rows, packed or not."""
+    module = SimpleNamespace(padding_free=padding_free, packed_length=packed_length)
+    sums, _ = DPOModule._shared_completion_logps(module, policy, batch)
+    sums.sum().backward()
+    policy.zero_grad(set_to_none=True)
+    return sums.detach()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=512)
@@ -88,7 +120,10 @@ def main() -> None:
     p.add_argument("--prompt-max", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--stages", default="grpo,ppo")
+    p.add_argument("--stages", default="grpo,ppo", help="any of grpo, ppo, dpo (DPO: shared-prompt rows, packed or not)")
+    p.add_argument("--pairs", type=int, default=8, help="DPO: pairs per batch")
+    p.add_argument("--packed-lengths", default="1,2", help="DPO: packed_length as multiples of the longest shared "
+                   "row (1: None, the longest row itself)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -112,8 +147,23 @@ def main() -> None:
         diff = float((a - b).abs().max())
         print(f"{name}: max |packed - padded| log-prob {diff:.2e}")
         assert diff < 1e-4, diff
+    pairs = make_pairs(args, g) if "dpo" in stages else None
+    variants = {}  # DPO: name -> (padding_free, packed_length)
+    if pairs is not None:
+        longest = int((pairs["attention_mask"].sum(-1)[: args.pairs] + pairs["loss_mask"].sum(-1)[args.pairs :]).max())
+        variants = {"padded": (False, None)}
+        for m in (float(x) for x in args.packed_lengths.split(",")):
+            variants[f"packed-{m:g}x"] = (True, int(m * longest) if m != 1 else None)
+        base = dpo_step(policy, pairs, False)
+        for name, (pf, length) in variants.items():
+            diff = float((dpo_step(policy, pairs, pf, length) - base).abs().max())
+            print(f"dpo {name}: max |packed - shared rows| summed log-prob {diff:.2e}")
     for _ in range(args.rounds):
-        for stage in stages:
+        for name, (pf, length) in variants.items():
+            t0 = time.perf_counter()
+            dpo_step(policy, pairs, pf, length)
+            results.setdefault(f"dpo/{name}", []).append(time.perf_counter() - t0)
+        for stage in (s for s in stages if s != "dpo"):
             c = critic if stage == "ppo" else None
             for name, ro in cases.items():
                 for pf in (False, True):
@@ -128,13 +178,24 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     tokens = {n: (int(ro.prompt_mask.sum() + ro.response_mask.sum()), ro.prompt_ids.numel() + ro.response_ids.numel())
               for n, ro in cases.items()}  # fmt: skip
-    print(f"\n{args.rows} rows, prompts {args.prompt_min}-{args.prompt_max}, responses {args.max_new_tokens} "
-          f"(early: half at {args.max_new_tokens // 4}), micro-batch {args.micro_batch}, h{args.hidden}/"
-          f"{args.layers} layers/V{args.vocab}, {args.attn}, {args.rounds} rounds, "
-          f"threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"{'stage':5} {'case':6} {'real/padded tokens':>19} {'phase':6} {'padded s':>9} {'packed s':>9} {'packed/padded':>14}")
     rows = []
-    for stage in stages:
+    if pairs is not None:
+        a = med["dpo/padded"]
+        print(f"dpo, {args.pairs} pairs of shared-prompt rows (prompts {args.prompt_min}-{args.prompt_max}, completions "
+              f"8-{args.max_new_tokens}, longest row {longest} tokens), h{args.hidden}/{args.layers} layers/V{args.vocab}, "
+              f"{args.attn}, policy forward + backward, median of {args.rounds}:")  # fmt: skip
+        for name in variants:
+            print(f"  {name:12} {med[f'dpo/{name}']:8.3f} s  {med[f'dpo/{name}'] / a:5.2f}x")
+            rows.append({"stage": "dpo", "case": name, "phase": "train", "padded_s": a, "packed_s": med[f"dpo/{name}"],
+                         "ratio": med[f"dpo/{name}"] / a})  # fmt: skip
+    online = [s for s in stages if s != "dpo"]
+    if online:
+        print(f"\n{args.rows} rows, prompts {args.prompt_min}-{args.prompt_max}, responses {args.max_new_tokens} "
+              f"(early: half at {args.max_new_tokens // 4}), micro-batch {args.micro_batch}, h{args.hidden}/"
+              f"{args.layers} layers/V{args.vocab}, {args.attn}, {args.rounds} rounds, "
+              f"threads {torch.get_num_threads()}")  # fmt: skip
+        print(f"{'stage':5} {'case':6} {'real/padded tokens':>19} {'phase':6} {'padded s':>9} {'packed s':>9} {'packed/padded':>14}")
+    for stage in online:
         for name in cases:
             for phase in ("score", "train"):
                 a, b = med[f"{stage}/{name}/padded/{phase}"], med[f"{stage}/{name}/packed/{phase}"]

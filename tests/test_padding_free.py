@@ -198,3 +198,21 @@ def test_rows_that_do_not_pack_run_padded():
     mask[1:, 3:] = 0  # two rows of 3 fit in one row of 6
     packing, kwargs = packed_forward(model, ids, mask)
     assert kwargs["input_ids"].shape == (2, 6) and kwargs["attention_mask"].shape == (2, 1, 6, 6)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_reward_model_scores_equal_padded(family, attn):
+    from lightning_rlhf.rollout.scoring import RewardModelScorer
+
+    rm = build(family, attn, classifier=True, seed=2)
+    ro = rollout(5)
+    with torch.no_grad():
+        padded, _ = RewardModelScorer(rm)(ro)
+        packed, _ = RewardModelScorer(rm, padding_free=True)(ro)
+        ids, mask, pos = ro.sequences()
+        assert rm.config.pad_token_id is not None
+        from lightning_rlhf.models.forward import packed_forward
+
+        assert packed_forward(rm, ids, mask, pos) is not None  # the packed path is taken
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)

@@ -1,6 +1,8 @@
-"""padding_free under DDP (2 processes, gloo): each rank packs its own micro-batches; a GRPO run of two
-rollout steps (ragged prompts and responses, KL to a reference, 2 iterations, micro-batches) ends with
-the padded run's weights (1e-5; seen: 8e-7), and both ranks agree to the last bit."""
+"""padding_free under DDP and FSDP2 (2 processes, gloo). Each rank packs its own micro-batches (one
+forward per micro-batch either way; under FSDP2 every forward is a collective, so a rank that ran a
+different number would hang and the timeout fail the test). A GRPO run of two rollout steps (ragged
+prompts and responses, KL to a reference, 2 iterations, micro-batches) ends with the padded run's
+weights (1e-5; seen: 8e-7 under DDP), and both ranks agree to the last bit."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import sys, torch, lightning as L
 from lightning_rlhf.stages import GRPOModule
 from lightning_rlhf.data import RLHFDataModule
 
-padding_free, base, prompts = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
+padding_free, base, prompts, strategy = sys.argv[1] == "1", sys.argv[2], sys.argv[3], sys.argv[4]
 
 
 class GRPO(GRPOModule):
@@ -41,14 +43,19 @@ m = GRPO(policy=base, reward_functions=["length_reward.length_reward"], num_gene
          num_iterations=2, mini_batch_size=4, micro_batch_size=2, forward_batch_size=4,
          generation={"max_new_tokens": 12}, log_samples_every_n_steps=0, padding_free=padding_free)
 dm = RLHFDataModule(prompts, batch_size=4, max_prompt_length=32)
-t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2, logger=False,
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+strat = "ddp" if strategy == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+t = L.Trainer(accelerator="cpu", devices=2, strategy=strat, max_epochs=1, limit_train_batches=2, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 t.fit(m, dm)
-torch.save({k: v.detach().clone() for k, v in m.policy.state_dict().items()}, f"weights-{int(padding_free)}-{t.global_rank}.pt")
+full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in m.policy.state_dict().items()}
+torch.save({k: v.detach().clone() for k, v in full.items()}, f"weights-{int(padding_free)}-{t.global_rank}.pt")
 """
 
 
-def test_grpo_ddp_with_padding_free_equals_padded(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_grpo_ddp_with_padding_free_equals_padded(tmp_path, strategy):
     from lightning_rlhf.demo.assets import base_model_dir
 
     (tmp_path / "run.py").write_text(SCRIPT)
@@ -56,7 +63,7 @@ def test_grpo_ddp_with_padding_free_equals_padded(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
     for padding_free in ("0", "1"):
         args = [sys.executable, "run.py", padding_free, str(base_model_dir()),
-                str(ROOT / "data/demo/reviews/prompts_eval.jsonl")]  # fmt: skip
+                str(ROOT / "data/demo/reviews/prompts_eval.jsonl"), strategy]  # fmt: skip
         proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
         assert proc.returncode == 0, proc.stderr[-4000:]
     w = {(pf, r): torch.load(tmp_path / f"weights-{pf}-{r}.pt") for pf in (0, 1) for r in (0, 1)}

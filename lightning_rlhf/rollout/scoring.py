@@ -24,8 +24,9 @@ from typing import Any, Protocol
 
 import torch
 
+from lightning_rlhf.core.packing import unpack
 from lightning_rlhf.errors import RewardFunctionError
-from lightning_rlhf.models.forward import default_position_ids
+from lightning_rlhf.models.forward import default_position_ids, packed_forward
 from lightning_rlhf.rollout.generate import Rollout, _hf_model, eval_mode
 
 ScoreOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -128,12 +129,37 @@ class RewardModelScorer:
         name: key of its scores in the parts dict.
     """
 
-    def __init__(self, model: torch.nn.Module, batch_size: int | None = None, name: str = "reward_model"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch_size: int | None = None,
+        name: str = "reward_model",
+        padding_free: bool = False,
+    ):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"RewardModelScorer: batch_size must be >= 1 or None, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
         self.name = name
+        self.padding_free = padding_free
+
+    def _scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` scores at each row's last real token; with ``padding_free`` from packed rows
+        (``models.forward.packed_forward``, the padded rows when packing saves nothing)."""
+        if self.padding_free:
+            length = input_ids.shape[1]
+            last = length - 1 - attention_mask.long().flip(-1).argmax(-1)  # (n,)
+            keep = torch.zeros_like(attention_mask, dtype=torch.bool).scatter_(1, last[:, None], True)
+            packed = packed_forward(self.model, input_ids, attention_mask, position_ids, keep=keep)
+            if packed is not None:
+                packing, kwargs = packed
+                rows, width = packing.input_ids.shape
+                cols = torch.arange(width - packing.keep, width, device=input_ids.device).expand(rows, -1)  # (B', K)
+                per_token = last_token_scores(
+                    self.model, kwargs["input_ids"], kwargs["attention_mask"], kwargs["position_ids"], index=cols
+                )  # (B', K)
+                return unpack(per_token, packing).gather(1, last[:, None])[:, 0]
+        return last_token_scores(self.model, input_ids, attention_mask, position_ids)
 
     def __call__(
         self,
@@ -149,12 +175,7 @@ class RewardModelScorer:
         with torch.no_grad(), eval_mode(self.model):
             scores = torch.cat(
                 [
-                    last_token_scores(
-                        self.model,
-                        input_ids[i : i + step],
-                        attention_mask[i : i + step],
-                        position_ids[i : i + step],
-                    )
+                    self._scores(input_ids[i : i + step], attention_mask[i : i + step], position_ids[i : i + step])
                     for i in range(0, n, step)
                 ]
             )  # (N,) fp32
@@ -317,17 +338,19 @@ def build_scorer(
     reward_functions: Sequence[Callable | str] = (),
     weights: Sequence[float] | None = None,
     batch_size: int | None = None,
+    padding_free: bool = False,
 ) -> CompositeScorer:
     """The scorer of the online stages: the reward model (if any) and the reward functions, weighted.
 
     ``weights``: one per source, the reward model first (if any), then each function; None: all 1.
     ``batch_size``: rows per reward-model forward (None: all at once).
+    ``padding_free``: the reward model's forwards on packed rows (``RewardModelScorer``).
     """
     n_sources = (reward_model is not None) + len(reward_functions)
     weights = list(weights or [1.0] * n_sources)
     scorers, scorer_weights = [], []
     if reward_model is not None:
-        scorers.append(RewardModelScorer(reward_model, batch_size=batch_size))
+        scorers.append(RewardModelScorer(reward_model, batch_size=batch_size, padding_free=padding_free))
         scorer_weights.append(weights.pop(0))
     if reward_functions:  # the remaining weights are the functions'
         scorers.append(RewardFunctionScorer(list(reward_functions), weights))

@@ -27,9 +27,10 @@ import torch
 
 from ..core.losses import dpo_loss, orpo_loss
 from ..core.ops import logprobs_from_logits, masked_sum
-from ..core.prefix import attention_allowed, completion_columns, share_prompt
+from ..core.packing import gather_packed, unpack
+from ..core.prefix import PAD, SharedPrompt, attention_allowed, completion_columns, share_prompt
 from ..models import ModelSpec, as_spec, disable_dropout, is_peft, load_causal_lm
-from ..models.forward import sequence_logprobs, shared_prompt_mask
+from ..models.forward import packed_forward, sequence_logprobs, shared_prompt_mask
 from ..rollout.generate import eval_mode
 from .common import OfflineStageModule, OptimSpec
 
@@ -74,6 +75,12 @@ class DPOModule(OfflineStageModule):
             up to float rounding. Needs sdpa or eager attention (else the pairs are scored apart).
         output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA model merged into its base (else the adapter folder).
+        padding_free: with ``share_prompt``, pack several ``[prompt, chosen, rejected]`` rows into
+            one row of at most the longest one's length (``core.packing``: block-diagonal mask, each
+            pair's own positions), so short pairs share a row instead of padding; same log-probs.
+        packed_length: with ``padding_free``, the tokens of a packed row (at least the batch's longest
+            shared row; None: that longest row, so only pairs that fit beside each other share a row).
+            Longer rows pack more pairs at a quadratic attention cost (dense 4D mask).
     """
 
     data_kind = "preference"
@@ -95,6 +102,8 @@ class DPOModule(OfflineStageModule):
         share_prompt: bool = True,
         output_dir: str | None = None,
         merge_lora: bool = True,
+        padding_free: bool = False,
+        packed_length: int | None = None,
     ):
         if loss_type not in LossType.__args__:
             raise ValueError(f"loss_type must be one of {LossType.__args__}, got {loss_type!r}")
@@ -118,6 +127,8 @@ class DPOModule(OfflineStageModule):
         self.precompute_ref_logps = precompute_ref_logps
         self.disable_dropout = disable_dropout
         self.share_prompt = share_prompt
+        self.padding_free = padding_free
+        self.packed_length = packed_length
         self.policy: torch.nn.Module | None = None
         # split -> (N, 2) fp32 summed reference log-probs of (chosen, rejected) by record index; NaN = missing
         self.ref_cache: dict[str, torch.Tensor] = {}
@@ -190,10 +201,18 @@ class DPOModule(OfflineStageModule):
         """:meth:`completion_logps` from one ``[prompt, chosen, rejected]`` row per pair (None: the
         model's attention takes no custom mask, or a pair has no prompt)."""
         shared = share_prompt(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        mask = None if shared is None else shared_prompt_mask(model, attention_allowed(shared.segment))
-        if mask is None:
+        if shared is None:
             return None
         chosen_cols, rejected_cols, branch_col, branch_label = completion_columns(shared)  # (B, T'-1) x2, (B,) x2
+        if self.padding_free:
+            out = packed_shared_logps(
+                model, shared, chosen_cols, rejected_cols, branch_col, branch_label, max_tokens=self.packed_length
+            )
+            if out is not None:
+                return out
+        mask = shared_prompt_mask(model, attention_allowed(shared.segment))
+        if mask is None:
+            return None
         first = int(branch_col.min())  # earliest next-token column scored: the LM head skips the rest
         keep = shared.input_ids.shape[1] - 1 - first
         logits = model(
@@ -358,3 +377,39 @@ class DPOModule(OfflineStageModule):
                 f"val/{name}", value, prog_bar=name == "rewards/accuracies", batch_size=bs, sync_dist=True
             )
         return loss
+
+
+def packed_shared_logps(
+    model: torch.nn.Module,
+    shared: SharedPrompt,
+    chosen_cols: torch.Tensor,
+    rejected_cols: torch.Tensor,
+    branch_col: torch.Tensor,
+    branch_label: torch.Tensor,
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``DPOModule.completion_logps`` of shared-prompt rows packed several to a row (of ``max_tokens``)
+    (``models.forward.packed_forward``; the arguments as ``core.prefix.completion_columns`` gives them),
+    or None when packing saves nothing or the model cannot take the mask (score the rows as they are)."""
+    b, width = shared.input_ids.shape
+    real = shared.segment != PAD  # (B, T')
+    col = torch.arange(width, device=real.device)[None]
+    keep = real & (col >= branch_col[:, None]) & (col < width - 1)  # the columns that predict a completion token
+    packed = packed_forward(
+        model, shared.input_ids, real, shared.position_ids, keep=keep, allowed=attention_allowed(shared.segment),
+        max_tokens=max_tokens,
+    )
+    if packed is None:
+        return None
+    packing, kwargs = packed
+    logits = model(**kwargs, logits_to_keep=packing.keep).logits  # (B', K, V): the kept columns
+    next_ids = torch.cat([shared.input_ids[:, 1:], shared.input_ids[:, :1]], dim=1)  # (B, T') row labels
+    packed_logps = logprobs_from_logits(logits, gather_packed(next_ids, packing)[:, -packing.keep :])  # (B', K)
+    logps = unpack(packed_logps, packing)[:, :-1]  # (B, T'-1)
+    rows = torch.arange(b, device=real.device)
+    slot = packing.index[rows, branch_col]  # (B,) the branch column's place in the flattened (B', K)
+    branch = logprobs_from_logits(logits.reshape(-1, logits.shape[-1])[slot], branch_label)  # (B,)
+    chosen = masked_sum(logps, chosen_cols, dim=-1)
+    rejected = masked_sum(logps, rejected_cols, dim=-1) + branch
+    counts = torch.cat([shared.chosen_len, shared.rejected_len]).float()
+    return torch.cat([chosen, rejected]), counts

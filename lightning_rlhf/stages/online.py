@@ -145,8 +145,8 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
             ``<output_dir>/step-<N>`` (None: only at the end): the ``PeriodicExport`` callback.
         output_dir: where the trained policy is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA policy merged into its base (else the adapter folder).
-        padding_free: run the policy, reference and critic forwards of the scoring and training
-            phases on packed rows (``core.packing``: each row's real tokens, several rows per packed
+        padding_free: run the policy, reference, reward-model and critic forwards of the scoring and
+            training phases on packed rows (``core.packing``: each row's real tokens, several rows per packed
             row of at most the longest row's length, a block-diagonal 4D mask, each row's own
             positions) instead of left/right-padded ``(N, P+R)`` rows: the same log-probs and values
             without the padding's compute (TRL's ``padding_free``). Needs ``attn_implementation``
@@ -301,11 +301,12 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
             self.hold_frozen("reward", self.shard(load_sequence_classifier(self.reward_spec, trainable=False)))
         if self.scorer is None:
             self.scorer = build_scorer(
-                self.reward_model, self.reward_functions, self.reward_weights, self.forward_batch_size
+                self.reward_model, self.reward_functions, self.reward_weights, self.forward_batch_size,
+                padding_free=self.padding_free,
             )
         if self.diagnostic_functions and self.diagnostic_scorer is None:
             self.diagnostic_scorer = RewardFunctionScorer(self.diagnostic_functions)
-        self.check_padding_free(policy=self.policy, reference=self.reference)
+        self.check_padding_free(policy=self.policy, reference=self.reference, reward_model=self.reward_model)
 
     def check_padding_free(self, **models: nn.Module | None) -> None:
         """With ``padding_free``, refuse (a ``ValueError`` naming the model and why) models whose

@@ -16,12 +16,13 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from ..core.losses import reward_loss
-from ..core.prefix import attention_allowed, last_positions, share_prompt
+from ..core.packing import unpack
+from ..core.prefix import PAD, attention_allowed, last_positions, share_prompt
 from ..data import Encoder, Where, pad
 from ..data.records import is_conversational
 from ..evaluation import spearman
 from ..models import ModelSpec, as_spec, load_sequence_classifier
-from ..models.forward import shared_prompt_mask
+from ..models.forward import packed_forward, shared_prompt_mask
 from ..rollout.generate import eval_mode
 from ..rollout.scoring import last_token_scores
 from .common import OfflineStageModule, OptimSpec
@@ -54,6 +55,12 @@ class RewardModule(OfflineStageModule):
             Needs sdpa or eager attention (else the pairs are scored apart).
         output_dir: where the trained model is saved as a Hugging Face folder at the end of fit.
         merge_lora: export a LoRA model merged into its base (else the adapter folder).
+        padding_free: with ``share_prompt``, pack several ``[prompt, chosen, rejected]`` rows into
+            one row of at most the longest one's length (``core.packing``: block-diagonal mask, each
+            pair's own positions), so short pairs share a row instead of padding; same scores.
+        packed_length: with ``padding_free``, the tokens of a packed row (at least the batch's longest
+            shared row; None: that longest row). Longer rows pack more pairs at a quadratic attention
+            cost (dense 4D mask).
     """
 
     data_kind = "preference"
@@ -68,6 +75,8 @@ class RewardModule(OfflineStageModule):
         share_prompt: bool = True,
         output_dir: str | None = None,
         merge_lora: bool = True,
+        padding_free: bool = False,
+        packed_length: int | None = None,
     ):
         model = as_spec(model)
         if model.lora is not None:
@@ -78,6 +87,8 @@ class RewardModule(OfflineStageModule):
         self.center_coef = center_coef
         self.use_margin = use_margin
         self.share_prompt = share_prompt
+        self.padding_free = padding_free
+        self.packed_length = packed_length
         self.model: torch.nn.Module | None = None
         self.train_accuracy = BinaryAccuracy()
         self.val_accuracy = BinaryAccuracy()
@@ -99,9 +110,26 @@ class RewardModule(OfflineStageModule):
         """Scores of the chosen and rejected rows: ``(B,)`` each, fp32."""
         if self.share_prompt and "loss_mask" in batch:
             shared = share_prompt(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            index = None if shared is None else torch.stack(last_positions(shared), dim=1)  # (B, 2): last tokens
+            packed = None
+            if shared is not None and self.padding_free:
+                keep = torch.zeros_like(shared.segment, dtype=torch.bool).scatter_(1, index, True)
+                real = shared.segment != PAD
+                packed = packed_forward(
+                    self.model, shared.input_ids, real, shared.position_ids, keep=keep,
+                    allowed=attention_allowed(shared.segment), max_tokens=self.packed_length,
+                )  # fmt: skip
+            if packed is not None:  # several pairs per row: the scores at the kept (last) tokens
+                packing, kwargs = packed
+                rows, width = packing.input_ids.shape
+                cols = torch.arange(width - packing.keep, width, device=index.device).expand(rows, -1)  # (B', K)
+                per_token = last_token_scores(
+                    self.model, kwargs["input_ids"], kwargs["attention_mask"], kwargs["position_ids"], index=cols
+                )  # (B', K)
+                scores = unpack(per_token, packing).gather(1, index)  # (B, 2)
+                return scores[:, 0], scores[:, 1]
             mask = None if shared is None else shared_prompt_mask(self.model, attention_allowed(shared.segment))
             if mask is not None:
-                index = torch.stack(last_positions(shared), dim=1)  # (B, 2): last chosen, last rejected token
                 scores = last_token_scores(self.model, shared.input_ids, mask, shared.position_ids, index=index)
                 return scores[:, 0], scores[:, 1]
         scores = last_token_scores(
