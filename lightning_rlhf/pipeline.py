@@ -20,13 +20,14 @@ and ``report.json``, ``report.md`` and ``report.png`` are written.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -388,7 +389,20 @@ def _load_json(path: Path) -> dict:
 
 def load_spec(path: str | Path) -> PipelineSpec:
     """Read a pipeline YAML into a :class:`PipelineSpec`, with errors that name the file and key."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping with `stages` (and `evaluation`), got {type(raw).__name__}")
 
     def evaluation(d: dict, where: str) -> EvalSpec:
         d = dict(d)
@@ -402,6 +416,12 @@ def load_spec(path: str | Path) -> PipelineSpec:
         stages = [StageSpec(**s) for s in raw.pop("stages")]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: `stages` must be a list of {{name, config, inputs, args}}: {e}") from None
+    known = {f.name for f in fields(PipelineSpec)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
+            raise ValueError(f"{path}: unknown key '{key}'" + (f"; did you mean {' or '.join(close)}?" if close else
+                                                               f" (keys: {', '.join(sorted(known))})"))
     spec = PipelineSpec(
         stages=stages,
         evaluation=evaluation(raw.pop("evaluation", {}), "evaluation"),

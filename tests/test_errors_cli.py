@@ -4,6 +4,7 @@ Stage modules accept dicts for every spec from Python, and check their model fol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -205,6 +206,48 @@ def test_every_stage_accepts_dicts_for_its_specs(demo_dir):
     for m in modules[3:]:
         gen = m.generation_spec if hasattr(m, "generation_spec") else m.generation
         assert isinstance(gen, GenerationSpec) and gen.max_new_tokens == 4
+
+
+def _holding(obj, cls, key, value):
+    """The ``cls`` instance with ``key == value`` among ``obj``'s attributes (one level of specs down too)."""
+    for v in vars(obj).values():
+        for candidate in (v, *(vars(v).values() if dataclasses.is_dataclass(v) and not isinstance(v, type) else ())):
+            if isinstance(candidate, cls) and getattr(candidate, key, None) == value:
+                return candidate
+    return None
+
+
+@pytest.mark.parametrize("stage_name", ["SFTModule", "RewardModule", "DPOModule", "PPOModule", "GRPOModule"])
+def test_every_spec_argument_of_every_stage_takes_a_dict(demo_dir, stage_name):
+    """Every argument annotated with a spec dataclass (found from the signatures, so a new one is covered too),
+    given as a dict with its nested specs as dicts, ends up as that dataclass in the built module."""
+    import typing
+
+    from lightning_rlhf import stages
+    from lightning_rlhf.stages.common import _dataclasses_in, _init_hints
+
+    stage = getattr(stages, stage_name)
+    hints = _init_hints(stage)
+    base = {"policy" if "policy" in hints else "model": str(demo_dir)}
+    if "reward_functions" in hints:
+        base["reward_functions"] = ["lightning_rlhf.demo.rewards.gold_reward"]
+    checked = []
+    for i, (name, annotation) in enumerate(hints.items()):
+        if not _dataclasses_in(annotation):
+            continue
+        cls = _dataclasses_in(annotation)[0]
+        names = {f.name for f in dataclasses.fields(cls)}
+        key, marker = (("seed", 100 + i) if "path" in names else ("learning_rate", 0.5 + i) if "learning_rate" in names
+                       else ("max_new_tokens", 10 + i))
+        nested = [f.name for f in dataclasses.fields(cls) if _dataclasses_in(typing.get_type_hints(cls).get(f.name))]
+        value = {key: marker, **({"path": str(demo_dir)} if "path" in names else {}),
+                 **{n: {"r": 4} if n == "lora" else {} for n in nested}}
+        spec = _holding(stage(**{**base, name: value}), cls, key, marker)
+        assert spec is not None, f"{stage_name}({name}=dict): no {cls.__name__} built"
+        for n in nested:
+            assert dataclasses.is_dataclass(getattr(spec, n)), f"{stage_name} {name}.{n} stayed a dict"
+        checked.append(name)
+    assert {"optim", "policy" if "policy" in hints else "model"} <= set(checked), checked
 
 
 def test_a_misspelled_spec_key_from_python_names_it(demo_dir):

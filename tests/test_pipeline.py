@@ -149,3 +149,28 @@ def test_override_config_wires_earlier_outputs(tmp_path):
     assert init["policy"]["path"] == str(tmp_path / "sft")
     assert init["reward_model"] == str(tmp_path / "reward")
     assert init["output_dir"] == str(tmp_path / "ppo")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, "pipe.yaml: no such file"),
+        ("stages:\n  - {name: sft, config: [\n", "pipe.yaml: not valid YAML at line 3, column 1: expected the node content, but found '<stream end>'"),
+        ("- just a list\n", "pipe.yaml: expected a mapping with `stages` (and `evaluation`), got list"),
+        ("stages: []\nwandb_projet: x\n", "pipe.yaml: unknown key 'wandb_projet'; did you mean wandb_project?"),
+        ("stages:\n  - {name: sft, config: configs/demo/nope.yaml}\n",
+         "pipe.yaml: stage 'sft': config configs/demo/nope.yaml does not exist"),
+    ],
+    ids=["missing", "bad_yaml", "not_a_mapping", "unknown_key", "missing_stage_config"],
+)
+def test_a_bad_pipeline_config_is_one_line(tmp_path, capsys, monkeypatch, text, expected):
+    monkeypatch.chdir(ROOT)
+    pipe = tmp_path / "pipe.yaml"
+    if text is not None:
+        pipe.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(pipe), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert err.strip() == f"error: {tmp_path}/{expected}", err
+    assert not (tmp_path / "out").exists()

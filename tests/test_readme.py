@@ -26,3 +26,11 @@ def test_readme_python_snippet_runs(index, tmp_path, monkeypatch):
     # every snippet ends with a trained model saved where it says
     saved = list((tmp_path / "outputs").glob("*/config.json"))
     assert saved, "the snippet saved no model"
+
+
+def test_readme_says_how_to_see_a_stage_options_and_set_threads():
+    """Two things issue 13 asked README to say: how to list a stage's options, and the thread setting for small
+    models on a CPU."""
+    text = (REPO / "README.md").read_text()
+    assert "lightning-rlhf fit --model.help SFTModule" in text
+    assert "OMP_NUM_THREADS=1 lightning-rlhf fit" in text

@@ -92,9 +92,11 @@ def _run(name, tiny_model_dir, files, tmp_path, ckpt_path=None, save_to=None, st
 
 
 @pytest.mark.parametrize("name", ["sft", "reward", "dpo"])
-@pytest.mark.parametrize("split", [2, 5], ids=["mid_epoch_1", "mid_epoch_2"])
+@pytest.mark.parametrize("split", [2, 4, 5], ids=["mid_epoch_1", "epoch_end", "mid_epoch_2"])
 def test_resume_mid_epoch_is_bit_exact(name, split, tiny_model_dir, files, tmp_path):
-    """8 records, batch 2: 4 batches an epoch; 6 steps straight == `split` steps, resume, the rest."""
+    """8 records, batch 2: 4 batches an epoch; 6 steps straight == `split` steps, resume, the rest. Split 4
+    saves at the epoch's last batch: the resumed run starts the next epoch with its own order (it used to
+    replay an empty epoch and end one epoch later)."""
     straight, straight_t = _run(name, tiny_model_dir, files, tmp_path / "a")
     ckpt = tmp_path / "half.ckpt"
     half_module, half = _run(name, tiny_model_dir, files, tmp_path / "b", save_to=ckpt, stop_at=split)
@@ -189,10 +191,11 @@ def prompts(tmp_path_factory, write_jsonl):
 
 
 @pytest.mark.parametrize("name", ["ppo", "grpo"])
-@pytest.mark.parametrize("split", [2, 4], ids=["mid_epoch_1", "mid_epoch_2"])
+@pytest.mark.parametrize("split", [2, 3, 4], ids=["mid_epoch_1", "epoch_end", "mid_epoch_2"])
 def test_online_resume_mid_epoch_is_bit_exact(name, split, tiny_model_dir, prompts, tmp_path):
     """6 rollout steps straight == `split` rollout steps, checkpoint, resume, the rest: weights, optimisers,
-    schedules, KL controller, reward normaliser, rollout generator and the data position, bit for bit."""
+    schedules, KL controller, reward normaliser, rollout generator and the data position, bit for bit. Split 3
+    saves at the end of an epoch cut by limit_train_batches (Lightning then does not restore loader states)."""
     straight, _ = _run_online(name, tiny_model_dir, prompts, tmp_path / "a")
     assert straight.rollout_step == 6
     ckpt = tmp_path / "half.ckpt"

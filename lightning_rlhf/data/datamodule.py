@@ -31,15 +31,18 @@ class ResumableDataLoader(DataLoader):
 
     ``consumed``: returns the batches of the current epoch the Trainer has processed (the loader itself
     runs one batch ahead: Lightning prefetches); None: count the batches served.
+    ``epoch_length``: returns the batches an epoch takes (the Trainer's ``limit_train_batches``); None or
+    returning None: ``len(self)``.
     ``before_iter``: called when an iteration starts, before the restored state is read (the data module
     uses it to take a state the Trainer restored after building this loader; see
     ``RLHFDataModule._take_restored_state``).
     Skipping re-collates the skipped batches once (the cost of one partial epoch of data loading).
     """
 
-    def __init__(self, *args, consumed=None, before_iter=None, **kwargs):
+    def __init__(self, *args, consumed=None, epoch_length=None, before_iter=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._consumed = consumed
+        self._epoch_length = epoch_length
         self._before_iter = before_iter
         self._epoch_rng: torch.Tensor | None = None
         self._served = 0
@@ -62,9 +65,15 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        """Where this loader is: ``{"epoch_rng": <generator state at the epoch's start>, "consumed": n}``."""
+        """Where this loader is: ``{"epoch_rng": <generator state at the epoch's start>, "consumed": n}``.
+        After the epoch's last batch it is the start of the next epoch (the generator has already drawn
+        this epoch's order), so that a resumed run does not replay an empty epoch."""
         consumed = self._consumed() if self._consumed is not None else None
-        return {"epoch_rng": self._epoch_rng, "consumed": self._served if consumed is None else consumed}
+        consumed = self._served if consumed is None else consumed
+        length = self._epoch_length() if self._epoch_length is not None else None
+        if self._epoch_rng is not None and consumed >= (length or len(self)):
+            return {"epoch_rng": self.generator.get_state() if self.generator is not None else None, "consumed": 0}
+        return {"epoch_rng": self._epoch_rng, "consumed": consumed}
 
     def load_state_dict(self, state: dict) -> None:
         """Start the next iteration where ``state`` (from ``state_dict``) was."""
@@ -291,6 +300,11 @@ class RLHFDataModule(L.LightningDataModule):
             return None
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    def _batches_per_epoch(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        n = getattr(trainer, "num_training_batches", None) if trainer is not None else None
+        return int(n) if isinstance(n, (int, float)) and 0 < n < float("inf") else None
+
     def _take_restored_state(self) -> None:
         """Give the train loader the position the Trainer restored from a checkpoint, if it still holds it.
 
@@ -299,18 +313,23 @@ class RLHFDataModule(L.LightningDataModule):
         stage does, for its LR schedule) makes the Trainer build the loader before the restore, and the
         restored state is then left unused (Lightning issue #20550). This runs when the loader starts an
         iteration, before its first batch, and applies that pending state with Lightning's own method
-        (a no-op when there is none, or when the run is not restarting mid-epoch).
+        (a no-op when there is none).
         """
         trainer = getattr(self, "trainer", None)
         fit_loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
-        if fit_loop is not None and getattr(fit_loop, "_combined_loader_states_to_load", None):
-            fit_loop._load_combined_loader_states()
+        states = getattr(fit_loop, "_combined_loader_states_to_load", None) if fit_loop is not None else None
+        if states and fit_loop._combined_loader is not None:
+            # Lightning also leaves the state unused when the checkpoint closed an epoch (it is then "not
+            # restarting"); ours then holds the next epoch's start (see ResumableDataLoader.state_dict).
+            fit_loop._combined_loader._load_state_dicts(states)
+            fit_loop._combined_loader_states_to_load = []
 
     def train_dataloader(self) -> DataLoader:
         self._check_setup()
         return ResumableDataLoader(
             self.train_examples,
             consumed=self._consumed_in_epoch,
+            epoch_length=self._batches_per_epoch,
             before_iter=self._take_restored_state,
             batch_size=self.batch_size,
             shuffle=self.shuffle,
