@@ -45,6 +45,7 @@ class ResumableDataLoader(DataLoader):
         self._epoch_length = epoch_length
         self._before_iter = before_iter
         self._epoch_rng: torch.Tensor | None = None
+        self._started = False  # an iteration has begun (its position is worth saving)
         self._served = 0
         self._resume: dict | None = None
 
@@ -55,7 +56,7 @@ class ResumableDataLoader(DataLoader):
         if resume is not None and self.generator is not None and resume.get("epoch_rng") is not None:
             self.generator.set_state(resume["epoch_rng"])
         self._epoch_rng = self.generator.get_state() if self.generator is not None else None
-        self._served = 0
+        self._started, self._served = True, 0
         it = super().__iter__()
         for _ in range(int(resume.get("consumed", 0)) if resume else 0):
             next(it, None)
@@ -71,7 +72,7 @@ class ResumableDataLoader(DataLoader):
         consumed = self._consumed() if self._consumed is not None else None
         consumed = self._served if consumed is None else consumed
         length = self._epoch_length() if self._epoch_length is not None else None
-        if self._epoch_rng is not None and consumed >= (length or len(self)):
+        if self._started and consumed >= (length or len(self)):
             return {"epoch_rng": self.generator.get_state() if self.generator is not None else None, "consumed": 0}
         return {"epoch_rng": self._epoch_rng, "consumed": consumed}
 
