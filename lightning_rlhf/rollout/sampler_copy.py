@@ -43,22 +43,18 @@ class SamplerCopy:
     def __init__(self, policy: nn.Module, dtype: torch.dtype):
         check_copyable(policy, dtype)
         self.dtype = dtype
-        grads = {p: p.grad for p in policy.parameters()}
-        for p in grads:  # not copied along
-            p.grad = None
-        try:
-            # The copy's weights are written by ``sync`` below; a peft wrapper is copied and unloaded
-            # (its adapter dropped, the base weights then overwritten with the merged ones).
-            model = copy.deepcopy(policy)
-        finally:
-            for p, g in grads.items():
-                p.grad = g
+        # A copy of the module tree whose parameters are fresh ``dtype`` tensors (deepcopy's memo maps each
+        # parameter, tied ones once, to its stand-in): no full-precision clone, no gradients copied. Their
+        # values are written by ``sync`` below; a peft wrapper is copied, then unloaded (adapter dropped,
+        # the base weights then overwritten with the merged ones).
+        memo: dict = {}
+        for p in policy.parameters():
+            if id(p) not in memo:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, dtype=dtype if p.is_floating_point() else p.dtype),
+                                           requires_grad=False)  # fmt: skip
+        model = copy.deepcopy(policy, memo)
         if model is not _hf_model(model):
             model = model.unload()
-        for p in model.parameters():
-            p.requires_grad_(False)
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None:
             # The prefill's LM head gets the last position only (``logits_to_keep``), a strided
