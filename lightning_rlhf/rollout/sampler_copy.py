@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..models.distributed import is_sharded, policy_weights
+from ..models.loader import contiguous_lm_head_input
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,13 +56,10 @@ class SamplerCopy:
         model = copy.deepcopy(policy, memo)
         if model is not _hf_model(model):
             model = model.unload()
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is not None:
-            # The prefill's LM head gets the last position only (``logits_to_keep``), a strided
-            # ``(N, 1, H)`` view; torch's CPU matmul of a strided 3-D bf16 input expands the weight to
-            # ``(N, H, V)`` and copies it (1.4 s per rollout on a h512/V32000 Llama, more than the
-            # decode steps). A contiguous input takes the plain ``mm``, the same as a decode step's.
-            head.register_forward_pre_hook(_contiguous_input)
+        # The prefill's LM head gets the last position only (``logits_to_keep``), a strided ``(N, 1, H)``
+        # view, which torch's CPU bf16 matmul would turn into an (N, H, V) copy of the weight (1.4 s per
+        # rollout on a h512/V32000 Llama, more than the decode steps): a contiguous input instead.
+        contiguous_lm_head_input(model)
         self.model: nn.Module = model.eval()
         self._params = dict(self.model.named_parameters())
         names = {n for n, _ in policy_weights(policy)}
@@ -75,10 +73,6 @@ class SamplerCopy:
         """Write the policy's current weights (LoRA merged) into the copy, in place, cast to its dtype."""
         for name, w in policy_weights(policy):
             self._params[name].copy_(w)
-
-
-def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def check_copyable(policy: nn.Module, dtype: torch.dtype) -> None:
