@@ -64,7 +64,8 @@ def test_same_seed_same_results_other_seed_other_samples(policy, demo_tokenizer,
 
 def test_kl_to_itself_is_zero_and_to_another_model_positive(policy, other, demo_tokenizer, prompt_file):
     same = evaluate(policy, demo_tokenizer, prompt_file, reference=policy)
-    assert same["kl_to_ref"] == 0.0  # sampled log-probs and the reference forward are the same numbers
+    # sampled log-probs (decode steps) and the reference forward (whole rows) agree to float round-off
+    assert abs(same["kl_to_ref"]) < 1e-6
     diff = evaluate(policy, demo_tokenizer, prompt_file, reference=other)
     assert diff["kl_to_ref"] > 0.5
     # the reference does not change what is sampled

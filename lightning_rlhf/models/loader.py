@@ -311,9 +311,28 @@ def load_causal_lm(spec: ModelSpec | str | dict, *, trainable: bool = True) -> n
 
     spec = as_spec(spec)
     model = _load(AutoModelForCausalLM, spec)
+    contiguous_lm_head_input(model)
     if not trainable:
         return freeze(model)
     return prepare(model, spec, "CAUSAL_LM")
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def contiguous_lm_head_input(model: nn.Module) -> nn.Module:
+    """Make the LM head's input contiguous (a forward pre-hook; once per head, also in deep copies).
+
+    With ``logits_to_keep`` transformers hands the head a strided slice of the hidden states, and
+    torch's CPU bf16 ``linear`` of a strided 3-D input expands the weight to ``(N, H, V)`` and copies
+    it: 18x slower than the same input made contiguous (W 32000x512, x = h[:, -64:] of (8, 129, 512):
+    750 vs 42 ms; fp32: 246 vs 204 ms). Contiguous inputs pass through as they are."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not getattr(head, "_lrlhf_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._lrlhf_contiguous_input = True
+    return model
 
 
 def load_sequence_classifier(spec: ModelSpec | str | dict, *, trainable: bool = True) -> nn.Module:

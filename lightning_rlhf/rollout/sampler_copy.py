@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..models.distributed import is_sharded, policy_weights
+from ..models.loader import contiguous_lm_head_input
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,29 +44,22 @@ class SamplerCopy:
     def __init__(self, policy: nn.Module, dtype: torch.dtype):
         check_copyable(policy, dtype)
         self.dtype = dtype
-        grads = {p: p.grad for p in policy.parameters()}
-        for p in grads:  # not copied along
-            p.grad = None
-        try:
-            # The copy's weights are written by ``sync`` below; a peft wrapper is copied and unloaded
-            # (its adapter dropped, the base weights then overwritten with the merged ones).
-            model = copy.deepcopy(policy)
-        finally:
-            for p, g in grads.items():
-                p.grad = g
+        # A copy of the module tree whose parameters are fresh ``dtype`` tensors (deepcopy's memo maps each
+        # parameter, tied ones once, to its stand-in): no full-precision clone, no gradients copied. Their
+        # values are written by ``sync`` below; a peft wrapper is copied, then unloaded (adapter dropped,
+        # the base weights then overwritten with the merged ones).
+        memo: dict = {}
+        for p in policy.parameters():
+            if id(p) not in memo:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, dtype=dtype if p.is_floating_point() else p.dtype),
+                                           requires_grad=False)  # fmt: skip
+        model = copy.deepcopy(policy, memo)
         if model is not _hf_model(model):
             model = model.unload()
-        for p in model.parameters():
-            p.requires_grad_(False)
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is not None:
-            # The prefill's LM head gets the last position only (``logits_to_keep``), a strided
-            # ``(N, 1, H)`` view; torch's CPU matmul of a strided 3-D bf16 input expands the weight to
-            # ``(N, H, V)`` and copies it (1.4 s per rollout on a h512/V32000 Llama, more than the
-            # decode steps). A contiguous input takes the plain ``mm``, the same as a decode step's.
-            head.register_forward_pre_hook(_contiguous_input)
+        # The prefill's LM head gets the last position only (``logits_to_keep``), a strided ``(N, 1, H)``
+        # view, which torch's CPU bf16 matmul would turn into an (N, H, V) copy of the weight (1.4 s per
+        # rollout on a h512/V32000 Llama, more than the decode steps): a contiguous input instead.
+        contiguous_lm_head_input(model)
         self.model: nn.Module = model.eval()
         self._params = dict(self.model.named_parameters())
         names = {n for n, _ in policy_weights(policy)}
@@ -79,10 +73,6 @@ class SamplerCopy:
         """Write the policy's current weights (LoRA merged) into the copy, in place, cast to its dtype."""
         for name, w in policy_weights(policy):
             self._params[name].copy_(w)
-
-
-def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def check_copyable(policy: nn.Module, dtype: torch.dtype) -> None:

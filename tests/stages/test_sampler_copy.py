@@ -178,3 +178,17 @@ def test_grpo_learns_a_tiny_task_sampling_from_the_bf16_copy(tiny_model_dir, wri
     first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert last > first + 0.3, rewards
     assert m._sampler_copy is None  # dropped at the end of fit
+
+
+def test_loaded_causal_lm_heads_get_contiguous_inputs(tiny_model_dir):
+    """``logits_to_keep`` slices the hidden states (a strided view), which torch's CPU bf16 linear turns
+    into a copy of the weight per row; the loader's pre-hook hands the LM head a contiguous input."""
+    model = load_causal_lm(str(tiny_model_dir)).to(torch.bfloat16)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(10, 40, (3, 9))
+    with torch.no_grad():
+        kept = model(input_ids=ids, logits_to_keep=4).logits
+        full = model(input_ids=ids).logits
+    assert seen == [True, True]
+    torch.testing.assert_close(kept, full[:, -4:], rtol=0, atol=0)
