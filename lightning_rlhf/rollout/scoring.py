@@ -120,6 +120,19 @@ def last_token_scores(
     return scores[:, 0] if index is None else scores
 
 
+def packed_scores(model: torch.nn.Module, packed: tuple, index: torch.Tensor) -> torch.Tensor:
+    """``last_token_scores`` read at ``index`` ``(B, K)`` (columns of the original rows, each a kept
+    token of the packing) from one forward of the packed rows (``packed``: ``(packing, kwargs)`` of
+    ``models.forward.packed_forward``, whose kept tokens end each packed row): ``(B, K)`` fp32."""
+    packing, kwargs = packed
+    rows, width = packing.input_ids.shape
+    cols = torch.arange(width - packing.keep, width, device=index.device).expand(rows, -1)  # (B', keep)
+    per_token = last_token_scores(
+        model, kwargs["input_ids"], kwargs["attention_mask"], kwargs["position_ids"], index=cols
+    )  # (B', keep)
+    return unpack(per_token, packing).gather(1, index)
+
+
 class RewardModelScorer:
     """Score prompt+response ids with a sequence classifier sharing the policy's tokenizer.
 
@@ -152,13 +165,7 @@ class RewardModelScorer:
             keep = torch.zeros_like(attention_mask, dtype=torch.bool).scatter_(1, last[:, None], True)
             packed = packed_forward(self.model, input_ids, attention_mask, position_ids, keep=keep)
             if packed is not None:
-                packing, kwargs = packed
-                rows, width = packing.input_ids.shape
-                cols = torch.arange(width - packing.keep, width, device=input_ids.device).expand(rows, -1)  # (B', K)
-                per_token = last_token_scores(
-                    self.model, kwargs["input_ids"], kwargs["attention_mask"], kwargs["position_ids"], index=cols
-                )  # (B', K)
-                return unpack(per_token, packing).gather(1, last[:, None])[:, 0]
+                return packed_scores(self.model, packed, last[:, None])[:, 0]
         return last_token_scores(self.model, input_ids, attention_mask, position_ids)
 
     def __call__(

@@ -16,7 +16,6 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from ..core.losses import reward_loss
-from ..core.packing import unpack
 from ..core.prefix import PAD, attention_allowed, last_positions, share_prompt
 from ..data import Encoder, Where, pad
 from ..data.records import is_conversational
@@ -24,7 +23,7 @@ from ..evaluation import spearman
 from ..models import ModelSpec, as_spec, load_sequence_classifier
 from ..models.forward import packed_forward, shared_prompt_mask
 from ..rollout.generate import eval_mode
-from ..rollout.scoring import last_token_scores
+from ..rollout.scoring import last_token_scores, packed_scores
 from .common import OfflineStageModule, OptimSpec
 
 Prompt = str | list[dict]
@@ -120,13 +119,7 @@ class RewardModule(OfflineStageModule):
                     allowed=attention_allowed(shared.segment), max_tokens=self.packed_length,
                 )  # fmt: skip
             if packed is not None:  # several pairs per row: the scores at the kept (last) tokens
-                packing, kwargs = packed
-                rows, width = packing.input_ids.shape
-                cols = torch.arange(width - packing.keep, width, device=index.device).expand(rows, -1)  # (B', K)
-                per_token = last_token_scores(
-                    self.model, kwargs["input_ids"], kwargs["attention_mask"], kwargs["position_ids"], index=cols
-                )  # (B', K)
-                scores = unpack(per_token, packing).gather(1, index)  # (B, 2)
+                scores = packed_scores(self.model, packed, index)  # (B, 2)
                 return scores[:, 0], scores[:, 1]
             mask = None if shared is None else shared_prompt_mask(self.model, attention_allowed(shared.segment))
             if mask is not None:
