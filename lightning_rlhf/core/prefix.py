@@ -156,3 +156,124 @@ def last_positions(shared: SharedPrompt) -> tuple[Tensor, Tensor]:
     """``(B,)`` each: the positions of the last chosen and the last rejected token (sequence scores)."""
     end_chosen = shared.prompt_len + shared.chosen_len - 1
     return end_chosen, end_chosen + shared.rejected_len
+
+
+# ------------------------------------------------------------------------------ prompt groups (GRPO/RLOO)
+
+
+class PromptGroups(NamedTuple):
+    """One row ``[prompt, r_1, ..., r_G]`` per group of rollout rows with the same prompt (``B'`` groups,
+    ``N`` rollout rows of ``R`` response columns).
+
+    The prompt is left-padded to the rollout's ``P`` columns (so every group's last prompt token, the
+    *branch* that predicts each response's first token, is column ``P - 1``); the responses follow one
+    after the other, each at positions ``p, p+1, ...`` (``p`` the group's real prompt length), each
+    attending to the prompt and, causally, to itself (:func:`attention_allowed` over ``segment``).
+
+    Attributes:
+        input_ids: ``(B', L)`` long; padding holds the pad value.
+        attention_mask: ``(B', L)`` long, 1 on real tokens.
+        position_ids: ``(B', L)`` long; 0 on padding.
+        segment: ``(B', L)`` long: ``PROMPT`` (0) on the prompt, ``j + 1`` on the group's response ``j``,
+            -1 on padding (left padding of the prompt, right padding of the row).
+        group: ``(N,)`` long, the shared row of each rollout row.
+        column: ``(N, R)`` long, the shared row's column whose logits predict response token ``k``
+            of row ``i``: ``P - 1`` for ``k = 0`` (the branch), the previous response token's
+            column after it (``P - 1`` too on response padding: read, then masked by the caller).
+        prompt_width: ``P``.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    segment: Tensor
+    group: Tensor
+    column: Tensor
+    prompt_width: int
+
+
+def group_rows(prompt_ids: Tensor, prompt_mask: Tensor) -> list[list[int]] | None:
+    """Rollout rows grouped by identical prompt content (real tokens), in first-appearance order,
+    each group's rows in row order; None when no two rows share a prompt or some prompt is empty
+    (no branch token to predict its responses' first tokens from)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    real = prompt_mask.bool()
+    if not bool(real.any(-1).all()):
+        return None
+    for i, (ids, m) in enumerate(zip(prompt_ids.tolist(), real.tolist(), strict=True)):
+        groups.setdefault(tuple(t for t, keep in zip(ids, m, strict=True) if keep), []).append(i)
+    rows = list(groups.values())
+    return rows if len(rows) < prompt_ids.shape[0] else None
+
+
+def share_prompt_groups(
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    pad_value: int = 0,
+    groups: list[list[int]] | None = None,
+) -> PromptGroups | None:
+    """The shared rows of a rollout micro-batch (:class:`PromptGroups`), or None when no two rows share
+    a prompt (score the rows apart).
+
+    Args:
+        prompt_ids: ``(N, P)`` left-padded prompts; ``prompt_mask`` ``(N, P)``, 1 on real tokens.
+        response_ids: ``(N, R)`` right-padded responses; ``response_mask`` ``(N, R)``, 1 on real tokens
+            (a prefix of each row).
+        pad_value: the id written into the padding.
+        groups: the rows of each group (as :func:`group_rows`, which finds them by content when None).
+
+    Rows may come in any order (groups are found by content). Reading results back: the per-column
+    outputs of the shared rows (logits, entropies) at ``[group[:, None], column]`` are the rollout's
+    ``(N, R)`` outputs; log-probs need response token ``k`` as the label there (for ``k >= 1`` that
+    is the shared row's own next token, for ``k = 0`` a different label per row at the branch).
+    """
+    if groups is None:
+        groups = group_rows(prompt_ids, prompt_mask)
+        if groups is None:
+            return None
+    device = prompt_ids.device
+    n, p = prompt_ids.shape
+    r = response_ids.shape[1]
+    lengths = response_mask.long().sum(-1)  # (N,)
+    if not torch.equal(response_mask.bool(), torch.arange(r, device=device) < lengths[:, None]):
+        raise ValueError("share_prompt_groups: responses must be right-padded (mask a prefix of each row)")
+    b = len(groups)
+    group = torch.empty(n, dtype=torch.long, device=device)
+    start = torch.empty(n, dtype=torch.long, device=device)  # first response column of each row
+    slot = torch.empty(n, dtype=torch.long, device=device)  # the row's response index in its group
+    width = p
+    lens = lengths.tolist()
+    for g, rows in enumerate(groups):
+        col = p
+        for j, i in enumerate(rows):
+            group[i], start[i], slot[i] = g, col, j
+            col += lens[i]
+        width = max(width, col)
+    first = torch.tensor([rows[0] for rows in groups], device=device)  # (B',) a row of each group
+    ids = torch.full((b, width), pad_value, dtype=torch.long, device=device)
+    segment = torch.full((b, width), -1, dtype=torch.long, device=device)
+    positions = torch.zeros((b, width), dtype=torch.long, device=device)
+    pmask = prompt_mask.bool()[first]  # (B', P)
+    ids[:, :p] = torch.where(pmask, prompt_ids[first], pad_value)
+    segment[:, :p] = torch.where(pmask, PROMPT, -1)
+    positions[:, :p] = (pmask.long().cumsum(-1) - 1).clamp(min=0) * pmask
+    plen = pmask.long().sum(-1)  # (B',)
+    k = torch.arange(r, device=device)[None]  # (1, R)
+    real = k < lengths[:, None]  # (N, R)
+    dest = (start[:, None] + k).clamp(max=width - 1)  # (N, R)
+    rows_g = group[:, None].expand(n, r)
+    ids[rows_g[real], dest[real]] = response_ids[real]
+    segment[rows_g[real], dest[real]] = (slot[:, None] + 1).expand(n, r)[real]
+    positions[rows_g[real], dest[real]] = (plen[group][:, None] + k).expand(n, r)[real]
+    column = torch.where((k >= 1) & real, dest - 1, p - 1)
+    return PromptGroups(
+        input_ids=ids,
+        attention_mask=(segment >= 0).long(),
+        position_ids=positions,
+        segment=segment,
+        group=group,
+        column=column,
+        prompt_width=p,
+    )

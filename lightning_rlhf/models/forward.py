@@ -14,7 +14,7 @@ import torch
 
 from lightning_rlhf.core.ops import entropy_from_logits, logprobs_from_logits
 from lightning_rlhf.core.packing import Packing, gather_packed, pack_rows, unpack
-from lightning_rlhf.core.prefix import additive_mask
+from lightning_rlhf.core.prefix import PromptGroups, additive_mask, attention_allowed
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -204,3 +204,70 @@ def shared_prompt_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.T
         dtype = next(hf.parameters()).dtype
         return additive_mask(allowed, dtype if dtype.is_floating_point else torch.float32)
     return None
+
+
+def grouped_response_logprobs(
+    model: torch.nn.Module,
+    shared: PromptGroups,
+    response_ids: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    *,
+    padding_free: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Response log-probs (and entropies) of a rollout micro-batch from its shared-prompt rows
+    (``core.prefix.share_prompt_groups``: one row ``[prompt, r_1, ..., r_G]`` per prompt group), with
+    one forward; None when the model cannot take the rows' 4D mask (:func:`shared_prompt_mask`): the
+    caller then scores the rows apart.
+
+    Args:
+        shared: the groups' rows; ``response_ids``: ``(N, R)`` the rollout's responses (the labels).
+        temperature, return_entropy: as :func:`sequence_logprobs`.
+        padding_free: pack the shared rows' real tokens (``core.packing``, each row's own mask and
+            positions) when that saves rows.
+
+    Returns:
+        ``(N, R)`` fp32 log-probs and entropies (or None), the same as the separate rows' wherever
+        ``response_mask`` is 1 (meaningless elsewhere; the caller masks them).
+
+    The LM head runs on the columns from the branch (``P - 1``) on. Each response token ``k >= 1``
+    is the shared row's own next token at ``shared.column``; the first one (``k = 0``) is read at the
+    branch with each row's own label (G labels from one column, as DPO's branch column).
+    """
+    if temperature <= 0:
+        raise ValueError(f"grouped_response_logprobs: temperature must be > 0, got {temperature}")
+    ids = shared.input_ids
+    b, width = ids.shape
+    first = shared.prompt_width - 1  # the branch column: every column from it on is scored
+    allowed = attention_allowed(shared.segment)  # (B', 1, L, L)
+    next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # (B', L): the label of each column (last: unused)
+    packed = None
+    if padding_free:
+        keep = shared.attention_mask.bool().clone()
+        keep[:, :first] = False
+        packed = packed_forward(
+            model, ids, shared.attention_mask, shared.position_ids, keep=keep, allowed=allowed
+        )
+    if packed is not None:
+        packing, kwargs = packed
+        logits = model(**kwargs, logits_to_keep=packing.keep).logits  # (B'', K, V)
+        labels = gather_packed(next_ids, packing)[:, -packing.keep :]  # (B'', K)
+        slot = packing.index  # (B', L) -> flat (B'' * K) slot
+    else:
+        mask = shared_prompt_mask(model, allowed)
+        if mask is None:
+            return None
+        keep = width - first
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=shared.position_ids, use_cache=False, logits_to_keep=keep
+        ).logits  # (B', K, V): columns first .. L-1
+        labels = next_ids[:, first:]
+        slot = torch.arange(b * keep, device=ids.device).view(b, keep)
+        slot = torch.cat([slot.new_zeros(b, first), slot], dim=1)  # (B', L); prompt columns: never read
+    flat = logits.reshape(-1, logits.shape[-1])  # (M, V)
+    idx = slot[shared.group[:, None], shared.column]  # (N, R) rows of `flat`
+    row_lp = logprobs_from_logits(flat, labels.reshape(-1), temperature=temperature)  # (M,)
+    branch = logprobs_from_logits(flat[idx[:, 0]], response_ids[:, 0], temperature=temperature)  # (N,)
+    logprobs = torch.cat([branch[:, None], row_lp[idx[:, 1:]]], dim=1)  # (N, R)
+    entropy = entropy_from_logits(flat, temperature=temperature)[idx] if return_entropy else None
+    return logprobs, entropy

@@ -20,7 +20,8 @@ from typing import Literal
 
 import torch
 
-from lightning_rlhf.models.forward import default_position_ids, sequence_logprobs
+from lightning_rlhf.core.prefix import share_prompt_groups
+from lightning_rlhf.models.forward import default_position_ids, grouped_response_logprobs, sequence_logprobs
 from lightning_rlhf.rollout import static_decode
 
 
@@ -180,6 +181,8 @@ class Rollout:
         temperature: float = 1.0,
         return_entropy: bool = False,
         padding_free: bool = False,
+        share_prompt: bool = False,
+        pad_token_id: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropy) of the response tokens under `model`, with one forward.
 
@@ -187,7 +190,25 @@ class Rollout:
         Keeps gradients unless called under `torch.no_grad()` (reference / old-policy log-probs).
         The LM head runs on the response positions only. `padding_free`: the forward runs on packed
         rows without the prompts' and responses' padding (`sequence_logprobs`), same results.
+        `share_prompt`: rows with the same prompt (found by content, any order) are scored in one row
+        `[prompt, r_1, ..., r_G]` (`core.prefix.share_prompt_groups`, `pad_token_id` in its padding):
+        each prompt computed once, same results; the separate rows when no two rows share a prompt
+        or the model's attention takes no 4D mask.
         """
+        out = None
+        if share_prompt:
+            shared = share_prompt_groups(
+                self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask, pad_token_id
+            )
+            if shared is not None:
+                out = grouped_response_logprobs(
+                    model, shared, self.response_ids, temperature, return_entropy, padding_free=padding_free
+                )
+        if out is not None:
+            logprobs, entropy = out
+            off = self.response_mask == 0
+            logprobs = logprobs.masked_fill(off, 0.0)
+            return logprobs, None if entropy is None else entropy.masked_fill(off, 0.0)
         input_ids, attention_mask, position_ids = self.sequences()
         response_len = self.response_ids.shape[1]
         logprobs, entropy = sequence_logprobs(
