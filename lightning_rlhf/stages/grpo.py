@@ -325,9 +325,7 @@ class GRPOModule(OnlineRLModule):
 
         ``mb.old_logprobs`` None: the ratio's denominator is ``logprobs.detach()`` (ratio 1, gradient
         ``A * grad log pi``)."""
-        logprobs, entropy = mb.rollout.response_logprobs(
-            self.policy, self.generation.temperature, return_entropy=True, padding_free=self.padding_free
-        )
+        logprobs, entropy = self.response_logprobs(self.policy, mb.rollout, return_entropy=True)
         mask = mb.response_mask
         ref_logprobs, advantages = mb.ref_logprobs, mb.advantages
         old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs

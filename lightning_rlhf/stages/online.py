@@ -153,6 +153,16 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
             ``sdpa`` or ``eager`` (refused otherwise); a model whose sliding window is shorter than a
             packed row runs that forward padded. Each rank packs its own micro-batches (one forward
             per micro-batch either way).
+        share_prompt: score the rows of a forward that share a prompt (GRPO/RLOO's groups, found by
+            content: shuffled mini-batches are fine) in one row ``[prompt, r_1, ..., r_G]`` per prompt
+            (``core.prefix.share_prompt_groups``: each response attends to the prompt and, causally,
+            to itself, at its own positions), so the prompt is computed once instead of G times: the
+            old-policy and reference log-probs and the policy's training forward (the same log-probs,
+            entropies and gradients up to float rounding). A forward whose rows all have different
+            prompts, or a model whose attention takes no 4D mask (flash-attention, flex, a sliding
+            window shorter than the row), runs the separate rows. With ``padding_free`` the shared
+            rows are packed. One forward per micro-batch either way. Not with PPO (its critic scores
+            the separate rows).
     """
 
     data_kind = "prompt"
@@ -186,6 +196,7 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         merge_lora: bool = True,
         tis_cap: float | None = None,
         padding_free: bool = False,
+        share_prompt: bool = False,
     ):
         policy = as_spec(policy)
         super().__init__(tokenizer or policy.path, output_dir, merge_lora)
@@ -213,6 +224,7 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         self.automatic_optimization = False
         self.tis_cap = tis_cap
         self.padding_free = padding_free
+        self.share_prompt = share_prompt
         self.policy_spec = policy
         self.reward_spec = as_spec(reward_model) if reward_model is not None else None
         self.reference_spec = as_spec(reference) if reference is not None else None
@@ -403,12 +415,22 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
             return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
         return torch.cat(outs)
 
+    def response_logprobs(
+        self, model: nn.Module, rollout: Rollout, return_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``rollout.response_logprobs`` under ``model`` at the sampling temperature, with this module's
+        ``padding_free`` and ``share_prompt``: the one place the training-side forwards are set up."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        return rollout.response_logprobs(
+            model, self.generation.temperature, return_entropy=return_entropy, padding_free=self.padding_free,
+            share_prompt=self.share_prompt, pad_token_id=0 if pad is None else pad,
+        )  # fmt: skip
+
     @torch.no_grad()
     def policy_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """``(N, R)`` fp32 log-probs of the responses under the current policy (eval mode, no grad)."""
-        t = self.generation.temperature
         with eval_mode(self.policy):
-            return self._chunked(lambda r: r.response_logprobs(self.policy, t, padding_free=self.padding_free)[0], rollout)
+            return self._chunked(lambda r: self.response_logprobs(self.policy, r)[0], rollout)
 
     recompute_logprobs: bool = True
     """Recompute the rollout policy's log-probs with a no-grad forward (set by PPO and GRPO)."""
@@ -427,12 +449,11 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         """``(N, R)`` fp32 log-probs under the frozen reference (None when the KL penalty is off)."""
         if not self.uses_reference:
             return None
-        t = self.generation.temperature
         if self.reference_is_adapter_off:
             with eval_mode(self.policy), self.policy.disable_adapter():
-                return self._chunked(lambda r: r.response_logprobs(self.policy, t, padding_free=self.padding_free)[0], rollout)
+                return self._chunked(lambda r: self.response_logprobs(self.policy, r)[0], rollout)
         with self.frozen_on_device("reference") as ref:
-            return self._chunked(lambda r: r.response_logprobs(ref, t, padding_free=self.padding_free)[0], rollout)
+            return self._chunked(lambda r: self.response_logprobs(ref, r)[0], rollout)
 
     def kl_shaped_rewards(
         self,

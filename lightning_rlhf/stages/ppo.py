@@ -115,6 +115,11 @@ class PPOModule(OnlineRLModule):
         recompute_logprobs: bool = True,
         **kwargs,
     ):
+        if kwargs.get("share_prompt"):
+            raise ValueError(
+                "PPOModule: share_prompt is for GRPO/RLOO's groups of samples per prompt; PPO's critic and "
+                "value forwards score the separate rows, so set share_prompt: false"
+            )
         super().__init__(policy, **kwargs)
         if not recompute_logprobs and (self.generation.engine != "hf" or self.generation.dtype != "auto"):
             what = (f"generation.engine={self.generation.engine!r}" if self.generation.engine != "hf"
