@@ -39,6 +39,11 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
                        help="also run OUR side with generation.dtype set to this (the hf sampler's low-precision copy "
                             "of the policy), as an extra side 'ours_sampler' reported in its own labelled row; "
                             "the ours/TRL comparison stays the default (generation.dtype auto)")  # fmt: skip
+        p.add_argument("--share-prompt", dest="share_prompt", action="store_true",
+                       help="also run OUR side with share_prompt=True (one row [prompt, r1..rG] per group in the "
+                            "reference and training forwards), as an extra side 'ours_shared' in its own labelled "
+                            "row (with --sampler-dtype: with that generation.dtype too); the ours/TRL comparison "
+                            "stays the default (share_prompt off)")  # fmt: skip
     else:
         add_common_args(p)
     if task in ("reward", "dpo"):  # also ours with share_prompt off, side by side in the same run
@@ -57,6 +62,8 @@ def run(task: str, args: argparse.Namespace) -> dict:
     sides = args.sides.split(",")
     if getattr(args, "sampler_dtype", None) and "ours_sampler" not in sides:
         sides.append("ours_sampler")
+    if getattr(args, "share_prompt", False) and "ours_shared" not in sides:
+        sides.append("ours_shared")
     jobs = {s: {"task": task, "side": s, "cfg": cfg, "assets": assets} for s in sides}
     n_params = matmul_params(assets["classifier" if task == "reward" else "policy"])
     try:
@@ -79,6 +86,8 @@ def run(task: str, args: argparse.Namespace) -> dict:
         computed = tokens
         if s == "ours" and pairs == 2:
             computed = cfg["batch"] * (2 * cfg["seq"] - pair_prompt_len(cfg))
+        if s == "ours_shared":  # GRPO/RLOO share_prompt: each group's prompt once, P + G*R tokens per prompt
+            computed = cfg["batch"] * (cfg["seq"] + cfg["generations"] * cfg["new_tokens"])
         # MFU of each round against the matmul peak its own process measured around the training.
         mfus = [6 * n_params * computed / x["step_s"] / (peak_for(cfg["precision"], x["matmul_peak_tflops"]) * 1e12)
                 if "matmul_peak_tflops" in x else None for x in r]  # fmt: skip
@@ -110,6 +119,14 @@ def run(task: str, args: argparse.Namespace) -> dict:
                                             "step_time": a["step_s"] / t["step_s"], "sampler_dtype": cfg["sampler_dtype"]}  # fmt: skip
             out["ours_sampler_over_ours"] = {"step_time": a["step_s"] / o["step_s"],
                                              "generate": a["phases"]["generate"] / o["phases"]["generate"]}  # fmt: skip
+        if "ours_shared" in figures:  # our side with share_prompt (and generation.dtype if given): labelled
+            a = figures["ours_shared"]
+            base = figures["ours_sampler"] if "ours_sampler" in figures else o
+            out["ours_shared_over_trl"] = {"tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"],
+                                           "step_time": a["step_s"] / t["step_s"], "sampler_dtype": cfg.get("sampler_dtype")}  # fmt: skip
+            out["ours_shared_over_unshared"] = {"step_time": a["step_s"] / base["step_s"],
+                                                "rest": a["phases"]["rest"] / base["phases"]["rest"],
+                                                "baseline": "ours_sampler" if "ours_sampler" in figures else "ours"}  # fmt: skip
         if "ours_apart" in figures:
             a = figures["ours_apart"]
             out["ours_apart_over_trl"] = {"tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"],
@@ -143,7 +160,9 @@ def table(task: str, out: dict) -> str:
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for s, f in fig.items():
         name = {"ours": "lightning-rlhf", "ours_apart": "lightning-rlhf, share_prompt off",
-                "ours_sampler": f"lightning-rlhf, generation.dtype {cfg.get('sampler_dtype')} (ours only)"}.get(
+                "ours_sampler": f"lightning-rlhf, generation.dtype {cfg.get('sampler_dtype')} (ours only)",
+                "ours_shared": "lightning-rlhf, share_prompt" + (f" + generation.dtype {cfg['sampler_dtype']}"
+                                                                 if cfg.get("sampler_dtype") else "") + " (ours only)"}.get(
             s, f"TRL {TRL_NAME[task]}")  # fmt: skip
         row = [name, fmt(f["step_s"]), fmt(f["tokens_per_s"], ".0f"), fmt(100 * f["mfu"], ".1f") + "%",
                fmt(f["peak_mib"], ".0f"), fmt(f["peak_minus_import_mib"], ".0f")]  # fmt: skip
@@ -161,6 +180,11 @@ def table(task: str, out: dict) -> str:
         r, q = out["ours_sampler_over_trl"], out["ours_sampler_over_ours"]
         lines += [f"ours with generation.dtype {r['sampler_dtype']} (not the default comparison): step time "
                   f"{r['step_time']:.2f}x TRL's, {q['step_time']:.2f}x ours at the default (generation {q['generate']:.2f}x)"]  # fmt: skip
+    if "ours_shared_over_trl" in out:
+        r, q = out["ours_shared_over_trl"], out["ours_shared_over_unshared"]
+        lines += [f"ours with share_prompt{' + generation.dtype ' + r['sampler_dtype'] if r['sampler_dtype'] else ''} "
+                  f"(not the default comparison): step time {r['step_time']:.2f}x TRL's, {q['step_time']:.2f}x "
+                  f"{q['baseline']} without it (forwards + training 'rest' {q['rest']:.2f}x)"]  # fmt: skip
     if "ours_apart_over_trl" in out:
         lines += [f"share_prompt off/TRL: tokens/s {out['ours_apart_over_trl']['tokens_per_s']:.2f}x; "
                   f"share_prompt on/off step time {out['ours_over_ours_apart']['step_time']:.2f}x"]  # fmt: skip

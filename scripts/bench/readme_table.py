@@ -112,6 +112,15 @@ def _table(runs: dict) -> str:
                     f"| {q['step_time']:.2f}x (ours default: {q['step_time'] / r['ours_sampler_over_ours']['step_time']:.2f}x) "
                     f"| - | {a['peak_mib']:.0f} / {f['trl']['peak_mib']:.0f} | - | `{r['command']}` |"
                 )  # fmt: skip
+            if "ours_shared_over_trl" in r:  # our side with share_prompt: labelled, never the default row
+                a, q, u = f["ours_shared"], r["ours_shared_over_trl"], r["ours_shared_over_unshared"]
+                what = "`share_prompt: true`" + (f" + `generation.dtype: {q['sampler_dtype']}`" if q["sampler_dtype"] else "")
+                cmp_rows.append(
+                    f"| {name}, ours with {what} (not the default comparison) vs TRL {TRL[name]} "
+                    f"| same | {a['tokens_per_s']:.0f} / {f['trl']['tokens_per_s']:.0f} ({q['tokens_per_s']:.2f}x) "
+                    f"| {q['step_time']:.2f}x ({u['step_time']:.2f}x {u['baseline']} without share_prompt) "
+                    f"| - | {a['peak_mib']:.0f} / {f['trl']['peak_mib']:.0f} | - | `{r['command']}` |"
+                )  # fmt: skip
         elif "summary" in r:
             other.append(f"| {name} | {r['summary']} | `{r['command']}` |")
     if machine is None:

@@ -2,7 +2,8 @@
 
 A job is ``{"task": sft|reward|dpo|grpo|rloo|ppo, "side": ours|ours_apart|trl, "cfg": {...}, "assets": {...}}``
 (``ours_apart``: reward model / DPO with ``share_prompt=False``; ``ours_sampler``: GRPO / RLOO
-with ``generation.dtype`` = ``cfg["sampler_dtype"]``)
+with ``generation.dtype`` = ``cfg["sampler_dtype"]``; ``ours_shared``: GRPO / RLOO with
+``share_prompt``, plus that ``generation.dtype`` when given)
 (see ``common.py``). Trains ``warmup + steps`` optimiser steps, times each step, and prints one JSON
 line: ``step_s`` (median timed step), ``step_times``, ``first_loss`` (loss of the first batch, before
 any update), ``peak_mib`` / ``peak_minus_import_mib`` (CPU RSS high-water mark; GPU allocator
@@ -117,6 +118,7 @@ def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
                 assets["policy"], num_generations=cfg["generations"], beta=cfg["beta"],
                 advantage_estimator="rloo" if task == "rloo" else "grpo",
                 kl_in_reward=task == "rloo", loss_agg="seq_mean_token_mean" if task == "grpo" else "token_mean",
+                share_prompt=bool(cfg.get("ours_shared")),
                 **common,
             )  # fmt: skip
         data = assets["prompt"]
@@ -365,7 +367,9 @@ def main() -> None:
         cfg = dict(cfg, share_prompt=False)
     if job["side"] == "ours_sampler":  # ours with generation.dtype = cfg["sampler_dtype"] (online tasks)
         cfg = dict(cfg, ours_sampler=True)
-    fn = {"ours": ours, "ours_apart": ours, "ours_sampler": ours, "trl": trl_side, "trl_old": trl_ppo}[job["side"]]
+    if job["side"] == "ours_shared":  # GRPO/RLOO with share_prompt (and generation.dtype when given)
+        cfg = dict(cfg, ours_shared=True, ours_sampler=bool(cfg.get("sampler_dtype")))
+    fn = {"ours": ours, "ours_apart": ours, "ours_sampler": ours, "ours_shared": ours, "trl": trl_side, "trl_old": trl_ppo}[job["side"]]
     res = fn(job["task"], cfg, job["assets"], base)
     after = matmul_peak(cfg["device"], cfg["threads"])
     res["matmul_peak_tflops"] = {k: (before[k] + after[k]) / 2 for k in before}
