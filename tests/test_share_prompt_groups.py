@@ -151,3 +151,20 @@ def test_model_without_4d_mask_scores_rows_apart():
     model.config._attn_implementation = "sdpa"
     got, _ = ro.response_logprobs(model, 1.0, share_prompt=True)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_shorter_than_the_shared_row_scores_rows_apart():
+    """One mask for every layer would drop a sliding window: a window shorter than the shared row
+    runs the separate rows (the model's own window), same numbers as without the option."""
+    from lightning_rlhf.models.forward import grouped_response_logprobs
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", vocab_size=V, pad_token_id=0, sliding_window=12, **FAMILIES["llama"])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ro = grouped_rollout()
+    s = share_prompt_groups(ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+    assert s.input_ids.shape[1] > 12
+    assert grouped_response_logprobs(model, s, ro.response_ids) is None
+    ref, _ = ro.response_logprobs(model, 1.0)
+    got, _ = ro.response_logprobs(model, 1.0, share_prompt=True)
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
