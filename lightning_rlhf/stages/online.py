@@ -162,7 +162,10 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
             prompts, or a model whose attention takes no 4D mask (flash-attention, flex, a sliding
             window shorter than the row), runs the separate rows. With ``padding_free`` the shared
             rows are packed. One forward per micro-batch either way. Not with PPO (its critic scores
-            the separate rows).
+            the separate rows). Cost: the layers run ``P + G*R`` tokens per group instead of
+            ``G*(P + R)``, but the attention takes a dense ``(P + G*R)^2`` mask (no causal fast path),
+            so with many long responses and a short prompt it can be slower: measure
+            (``scripts/bench/grpo.py --share-prompt``).
     """
 
     data_kind = "prompt"
