@@ -73,6 +73,17 @@ def _fusable(p: torch.Tensor) -> bool:
     return plain and p.is_floating_point() and p.device.type in ("cpu", "cuda")
 
 
+def check_pair_packing(owner: str, share_prompt: bool, padding_free: bool, packed_length: int | None) -> None:
+    """Refuse (``ValueError`` naming the stage and option) pair-packing options that would be ignored or
+    are out of range: ``padding_free`` packs the ``share_prompt`` rows, ``packed_length`` sizes them."""
+    if padding_free and not share_prompt:
+        raise ValueError(f"{owner}: padding_free packs the shared-prompt rows: it needs share_prompt: true")
+    if packed_length is not None and not padding_free:
+        raise ValueError(f"{owner}: packed_length sizes the packed rows: it needs padding_free: true")
+    if packed_length is not None and packed_length < 1:
+        raise ValueError(f"{owner}: packed_length must be >= 1 (tokens per packed row), got {packed_length}")
+
+
 def lr_lambda(spec: OptimSpec, total_steps: int):
     """Multiplier of the peak learning rate at optimiser step ``step``."""
     total = max(1, total_steps)

@@ -32,7 +32,7 @@ from ..core.prefix import PAD, SharedPrompt, attention_allowed, completion_colum
 from ..models import ModelSpec, as_spec, disable_dropout, is_peft, load_causal_lm
 from ..models.forward import packed_forward, sequence_logprobs, shared_prompt_mask
 from ..rollout.generate import eval_mode
-from .common import OfflineStageModule, OptimSpec
+from .common import OfflineStageModule, OptimSpec, check_pair_packing
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 REFERENCE_FREE = ("simpo", "orpo")
@@ -126,6 +126,7 @@ class DPOModule(OfflineStageModule):
         )
         self.precompute_ref_logps = precompute_ref_logps
         self.disable_dropout = disable_dropout
+        check_pair_packing("DPOModule", share_prompt, padding_free, packed_length)
         self.share_prompt = share_prompt
         self.padding_free = padding_free
         self.packed_length = packed_length

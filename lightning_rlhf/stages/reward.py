@@ -24,7 +24,7 @@ from ..models import ModelSpec, as_spec, load_sequence_classifier
 from ..models.forward import packed_forward, shared_prompt_mask
 from ..rollout.generate import eval_mode
 from ..rollout.scoring import last_token_scores, packed_scores
-from .common import OfflineStageModule, OptimSpec
+from .common import OfflineStageModule, OptimSpec, check_pair_packing
 
 Prompt = str | list[dict]
 Response = str | list[dict]
@@ -85,6 +85,7 @@ class RewardModule(OfflineStageModule):
         self.optim = optim or OptimSpec()
         self.center_coef = center_coef
         self.use_margin = use_margin
+        check_pair_packing("RewardModule", share_prompt, padding_free, packed_length)
         self.share_prompt = share_prompt
         self.padding_free = padding_free
         self.packed_length = packed_length

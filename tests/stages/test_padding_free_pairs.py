@@ -9,6 +9,7 @@ from test_share_prompt import ATOL, batch_of, dpo, perturb, rm
 
 from lightning_rlhf.core.prefix import attention_allowed, share_prompt
 from lightning_rlhf.models.forward import packed_forward
+from lightning_rlhf.stages import DPOModule, RewardModule
 
 RECORDS = [  # two long pairs and two short ones (that share a packed row), all parts ragged
     ("review the lamp please . it is new .", "i love this lamp . it works well . it is bright .", "bad . it broke ."),
@@ -100,3 +101,17 @@ def test_reward_packed_pairs_scores_and_short_run_equal_shared_rows(rm_dir, pref
             losses[name].append(loss.item())
     assert losses["packed"][-1] < losses["packed"][0]  # it trains
     assert losses["packed"] == pytest.approx(losses["rows"], abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", [DPOModule, RewardModule])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"share_prompt": False, "padding_free": True}, "padding_free packs the shared-prompt rows"),
+        ({"packed_length": 512}, "packed_length sizes the packed rows: it needs padding_free"),
+        ({"padding_free": True, "packed_length": 0}, "packed_length must be >= 1"),
+    ],
+)
+def test_pair_packing_options_that_would_be_ignored_are_refused(tiny_model_dir, stage, options, message):
+    with pytest.raises(ValueError, match=f"{stage.__name__}: {message}"):
+        stage(str(tiny_model_dir), **options)
