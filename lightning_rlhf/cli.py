@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         _dispatch(args, argv, debug)
+        _end_process_group()
     except SystemExit as e:
         if type(e).__name__ != "SIGTERMException":
             raise
@@ -473,6 +474,17 @@ def main(argv: list[str] | None = None) -> None:
         saved = checkpointing.last_saved
         sys.stderr.write(f"{saved if saved is not None else 'stopped by SIGTERM (no checkpoint saved)'}\n")
         raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a job ended by it
+
+
+def _end_process_group() -> None:
+    """Destroy torch.distributed's process groups after a command that succeeded, as PyTorch asks of
+    every program: left to the interpreter's exit, gloo's worker threads can abort the process
+    ("terminate called without an active exception", exit -6) after training has finished
+    (pytorch/pytorch#190489). Lightning leaves the groups up after ``fit``. After a failure the groups
+    are left alone: destroying them could wait on a rank that is gone."""
+    dist = sys.modules.get("torch.distributed")  # never imported for --help
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _dispatch(args: list[str], argv: list[str] | None, debug: bool) -> None:

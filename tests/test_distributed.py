@@ -112,6 +112,7 @@ t.fit(m, dm)
 s = sum(float(p.double().sum()) for p in m.policy.parameters())
 with open(f"result-{t.global_rank}.txt", "w") as f:  # a file per rank: stdout lines may interleave
     f.write(f"rank={t.global_rank} sum={s:.12e} seen={sorted(seen)}")
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None  # as PyTorch asks: gloo can abort at exit
 """
 
 
@@ -212,6 +213,7 @@ s = sum(float(p.detach().double().sum()) for p in full)
 with open(f"result-{t.global_rank}.json", "w") as f:  # a file per rank: stdout lines may interleave
     json.dump({"sum": f"{s:.12e}", "forwards": len(forwards), "metrics": metrics,
                "reference_sharded": is_sharded(m.reference)}, f)
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None  # as PyTorch asks: gloo can abort at exit
 """
 
 
@@ -285,6 +287,7 @@ full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in m.policy.pa
 torch.save([p.detach().clone() for p in full], f"weights-{t.global_rank}.pt")
 with open(f"result-{t.global_rank}.json", "w") as f:
     json.dump({"reductions": len(reductions)}, f)
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None  # as PyTorch asks: gloo can abort at exit
 """
 
 
@@ -411,6 +414,7 @@ else:
     rank = t.global_rank
 with open(f"{out}-losses-{rank}.json", "w") as f:
     json.dump(losses, f)
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None  # as PyTorch asks: gloo can abort at exit
 """
 
 LENGTH_REWARD = """
@@ -509,6 +513,7 @@ torch.save([p.detach().clone() for p in full], f"{mode}-weights-{t.global_rank}.
 with open(f"{mode}-{t.global_rank}.json", "w") as f:
     json.dump({"kl": m.kl_ctl.value, "rollout_step": m.rollout_step, "moments": m.reward_moments.state_dict(),
                "generator": hashlib.sha1(m.generator.get_state().numpy().tobytes()).hexdigest()}, f)
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None  # as PyTorch asks: gloo can abort at exit
 """
 
 
@@ -542,7 +547,7 @@ def test_sharded_checkpoint_of_an_online_stage_resumes(tmp_path):
 # reward model shards its classifier; both train as under DDP.
 
 OFFLINE_SCRIPT = """
-import sys, lightning as L
+import sys, torch, lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_rlhf.stages import DPOModule, RewardModule
 from lightning_rlhf.data import RLHFDataModule
@@ -563,6 +568,7 @@ class Check(L.Callback):
 t = L.Trainer(accelerator="cpu", devices=2, strategy=strat, max_steps=3, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Check()])
 t.fit(m, RLHFDataModule(prefs, batch_size=4, max_length=64, max_prompt_length=32))
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None  # as PyTorch asks: gloo can abort at exit
 """
 
 

@@ -176,6 +176,7 @@ def fit_and_record(self, module, datamodule, ckpt_path=None):
     model = module.exported_model()
     # every rank's own copy: the full tensors under FSDP2 (gathered on each rank), the replicas under DDP
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    global rank
     rank = self.fabric.global_rank
     torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, os.path.join(os.environ["RANK_OUT"], f"weights-{rank}.pt"))
     with open(os.path.join(os.environ["RANK_OUT"], f"rank-{rank}.json"), "w") as f:
@@ -184,6 +185,10 @@ def fit_and_record(self, module, datamodule, ckpt_path=None):
                    "forwards": len(forwards)}, f)
 F.FabricRunner.fit = fit_and_record
 main(sys.argv[1:])
+with open(os.path.join(os.environ["RANK_OUT"], f"rank-{rank}.json")) as f:
+    record = json.load(f)
+with open(os.path.join(os.environ["RANK_OUT"], f"rank-{rank}.json"), "w") as f:  # gloo can abort an exit with a live group
+    json.dump({**record, "group_after_command": torch.distributed.is_initialized()}, f)
 """
 
 FSDP2_YAML = (
@@ -301,6 +306,7 @@ def test_two_processes_under_fabric_keep_ranks_equal_and_match_the_trainer(tmp_p
         work = _run(tmp_path, "fabric", config, strategy, extra)
         ranks = [json.loads((work / f"rank-{r}.json").read_text()) for r in (0, 1)]
         assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == 2  # the module sees Fabric's rank
+        assert not any(r["group_after_command"] for r in ranks)  # the command destroyed its process groups
         if stage in ("ppo", "grpo"):
             assert ranks[0]["rollout_step"] == ranks[1]["rollout_step"] == 2
             assert ranks[0]["forwards"] == ranks[1]["forwards"] > 0  # the same forwards on both ranks

@@ -63,6 +63,7 @@ t.fit(m, dm)
 full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in m.policy.state_dict().items()}
 torch.save({k: v.detach().clone() for k, v in full.items()}, f"weights-{int(on)}-{t.global_rank}.pt")
 torch.save(masks, f"masks-{int(on)}-{t.global_rank}.pt")
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None  # as PyTorch asks: gloo can abort at exit
 """
 
 

@@ -118,6 +118,7 @@ torch.save(weights, f"weights-{rank}.pt")
 with open(f"result-{rank}.json", "w") as f:
     json.dump({"rollouts": module.rollouts, "syncs": syncs, "engine_rows": engine_rows, "engine_closed":
                module._engine is None, "group_alive": alive, "all_reduce": int(total), "sharded": sharded, **module.check}, f)
+torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None  # as PyTorch asks: gloo can abort at exit
 """
 
 
