@@ -84,21 +84,23 @@ def run(policy: Path, engine: str, args, device: str) -> dict:
     from lightning_rlhf.data import RLHFDataModule
     from lightning_rlhf.rollout import GenerationSpec, VLLMSpec
     from lightning_rlhf.stages import GRPOModule
+    from lightning_rlhf.models.loader import LoraSpec, ModelSpec
     from lightning_rlhf.stages.common import OptimSpec
 
     module = GRPOModule(
-        policy=str(policy),
+        policy=ModelSpec(path=str(policy), lora=LoraSpec(r=args.lora, alpha=2 * args.lora) if args.lora else None),
         reward_functions=["lightning_rlhf.demo.rewards.sentiment_exact_match"],
         num_generations=args.num_generations,
         beta=0.0,
         generation=GenerationSpec(
             max_new_tokens=args.max_new_tokens,
             engine=engine,
+            dtype=args.hf_dtype if engine == "hf" else "auto",
             vllm=VLLMSpec(dtype=args.vllm_dtype, max_model_len=512, gpu_memory_utilization=0.3),
         ),
         optim=OptimSpec(learning_rate=1e-6, scheduler="constant"),
         log_samples_every_n_steps=0,
-        tis_cap=2.0 if engine == "vllm" else None,
+        tis_cap=args.tis_cap if engine == "vllm" else None,
     )
     steps: list[dict] = []
     log_rollout = module.log_rollout
@@ -119,7 +121,7 @@ def run(policy: Path, engine: str, args, device: str) -> dict:
 
     module.log_rollout = spy
     trainer = L.Trainer(
-        accelerator=device, devices=1, max_epochs=1, limit_train_batches=args.steps, logger=False,
+        accelerator=device, devices=1, max_epochs=1, precision=args.precision, limit_train_batches=args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     dm = RLHFDataModule(
@@ -203,6 +205,18 @@ def main() -> None:
     parser.add_argument(
         "--vllm-dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"]
     )
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"], help="the Trainer's")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank of the policy (0: full fine-tuning)")
+    parser.add_argument(
+        "--tis-cap", type=lambda v: None if v == "none" else float(v), default=2.0,
+        help="vllm engine's tis_cap ('none': no TIS, so no old-log-prob forward with one update per rollout)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hf-dtype", default="auto", choices=["auto", "bfloat16"], help="the hf engine's generation.dtype"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternate the engines this many times (one fit each) on a busy machine"
+    )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument(
@@ -222,13 +236,20 @@ def main() -> None:
                 print(f"| {name} | hf {res[0]['gen_tokens_per_s']:.0f} tok/s | vllm {res[1]['gen_tokens_per_s']:.0f} "
                       f"tok/s | vllm/hf {ratio:.2f}x | sync {res[1]['weight_sync_s']:.2f} s |")  # fmt: skip
                 continue
-            for engine in args.engines.split(","):
-                r = {"model": name, **run(policy, engine, args, args.device)}
-                results.append(r)
-                print(json.dumps(r), flush=True)
+            rounds = []
+            for i in range(args.rounds):
+                for engine in args.engines.split(","):
+                    r = {"model": name, "round": i, **run(policy, engine, args, args.device)}
+                    rounds.append(r)
+                    print(json.dumps(r), flush=True)
+            for engine in args.engines.split(","):  # per engine: the round with the median step time
+                mine = sorted((r for r in rounds if r["engine"] == engine), key=lambda r: r["step_s"])
+                results.append({**mine[len(mine) // 2], "rounds_step_s": [r["step_s"] for r in mine]})
     print(
         f"\ndevice {args.device}, {args.prompts} prompts x {args.num_generations} samples, <= {args.max_new_tokens} "
-        f"new tokens, vllm dtype {args.vllm_dtype}, torch threads {args.threads}; medians of steps 2..{args.steps}"
+        f"new tokens, vllm dtype {args.vllm_dtype}, torch threads {args.threads}; medians of steps 2..{args.steps}; "
+        f"precision {args.precision}, LoRA r {args.lora or '-'}, vllm tis_cap {args.tis_cap}, hf generation.dtype "
+        f"{args.hf_dtype}, {args.rounds} round(s) (the median round per engine)"
     )
     print(
         "| model | params | engine | step s | generate s (sync s) | score s | fwd s | train s | gen tok/s | step vs hf |"
