@@ -1,4 +1,4 @@
-"""scripts/bench/: the FLOP count behind MFU, the equal-length records, and one real TRL comparison."""
+"""scripts/bench/: the FLOP count behind MFU, the equal-length and the ragged records, and real TRL comparisons."""
 
 from __future__ import annotations
 
@@ -47,6 +47,31 @@ def test_every_example_is_exactly_seq_tokens_with_eos(assets):
             assert prompt.tolist() == [common.pair_prompt_len(CFG)] * len(prompt) == [CFG["seq"] // 2] * len(prompt)
 
 
+def test_varied_lengths_give_every_batch_the_same_mix_of_lengths_in_another_order(tmp_path):
+    """``--lengths varied``: real data's ragged pairs. Every batch holds the same real tokens (what
+    tokens/s counts, ``pair_tokens``), padded to the same width, in another order."""
+    from lightning_rlhf.data import RLHFDataModule
+
+    cfg = CFG | {"batch": 4, "seq": 48, "steps": 3, "lengths": "varied"}
+    paths = common.build_assets(cfg, tmp_path, kinds=("preference",))
+    dm = RLHFDataModule(paths["preference"], kind="preference", tokenizer=paths["tokenizer"], batch_size=4,
+                        max_length=64, max_prompt_length=48, shuffle=False)  # fmt: skip
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == cfg["warmup"] + cfg["steps"] + 1
+    lengths = [b["attention_mask"].sum(-1).tolist() for b in batches]
+    for b, row_lengths in zip(batches, lengths):
+        assert sum(row_lengths) == common.pair_tokens(cfg, shared=False)  # chosen and rejected rows, real tokens
+        assert sorted(row_lengths) == sorted(lengths[0]) and len(set(row_lengths)) > 1  # same mix, ragged
+        assert b["input_ids"].shape[-1] == max(row_lengths) <= cfg["seq"]
+    assert len({tuple(x) for x in lengths}) > 1  # another order per batch
+    prompt, response = common.pair_prompt_len(cfg), cfg["seq"] - common.pair_prompt_len(cfg) - 1
+    for p, c, r in common.pair_lengths(cfg):
+        assert prompt // 4 <= p <= prompt and response // 8 <= min(c, r) <= max(c, r) <= response
+    shared = sum(p + c + r + 2 for p, c, r in common.pair_lengths(cfg))
+    assert common.pair_tokens(cfg, shared=True) == shared < common.pair_tokens(cfg, shared=False)
+
+
 def test_reference_differs_from_policy(assets):
     # DPO's first-batch loss is only a check when policy and reference differ (else it is log 2).
     a = AutoModelForCausalLM.from_pretrained(assets["policy"]).model.layers[0].mlp.up_proj.weight
@@ -74,3 +99,19 @@ def test_sft_comparison_runs_both_sides_and_writes_the_readme_table(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "sft vs TRL SFTTrainer" in text and text.endswith("outro\n")
     assert f"{check['ours']:.5f} / {check['trl']:.5f} (same)" in text
+
+
+@pytest.mark.slow
+def test_reward_comparison_on_ragged_pairs_computes_the_same_loss_packed(tmp_path):
+    """Reward model on ragged pairs (TRL pads them): ours packed without padding (``padding_free``) and
+    ours padded compute TRL's first-batch loss."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(BENCH / "reward.py"), "--size", "small", "--batch", "4", "--seq", "32", "--steps", "1",
+           "--rounds", "1", "--lengths", "varied", "--padding-free", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "reward.json").read_text())
+    check = res["first_loss_check"]
+    assert check["ok"] and {"ours_apart", "ours_packed"} <= set(check), check
+    assert res["figures"]["trl"]["tokens_per_step"] == res["figures"]["ours_packed"]["tokens_per_step"]
+    assert "ours_packed_over_trl" in res and "padding_free" in (out / "reward.md").read_text()

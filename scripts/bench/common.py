@@ -71,6 +71,10 @@ def add_common_args(p: argparse.ArgumentParser, *, batch: int = 4, seq: int = 12
     p.add_argument("--sides", default="ours,trl", help="comma-separated: ours, trl (reward/dpo: also ours_apart)")
     p.add_argument("--prompt-frac", dest="prompt_frac", type=float, default=0.5,
                    help="preference pairs: the prompt's share of each example's --seq tokens")  # fmt: skip
+    p.add_argument("--lengths", choices=["fixed", "varied"], default="fixed",
+                   help="preference pairs: every prompt and response at its full length (fixed), or as in real data, "
+                        "lengths that vary within a batch (varied: 1/4 to all of the prompt's tokens, 1/8 to all of "
+                        "a response's; every batch holds the same mix of lengths, in another order)")  # fmt: skip
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -193,14 +197,18 @@ def build_assets(cfg: dict, out: Path, *, kinds: tuple[str, ...]) -> dict:
         return " ".join(rng.choice(words) for _ in range(n))
 
     seq, prompt_len = cfg["seq"], cfg["seq"] // 4
-    pair_prompt = pair_prompt_len(cfg)
     n_records = cfg["batch"] * (cfg["warmup"] + cfg["steps"]) + cfg["batch"]
+    order = random.Random(2)
+
+    def shuffled(lengths: list) -> list:  # each batch its own order (fixed lengths: all the same)
+        return order.sample(lengths, len(lengths))
+
     data = {
         "sft": [{"prompt": text(prompt_len), "completion": " " + text(seq - prompt_len - 1)} for _ in range(n_records)],
         "preference": [
-            {"prompt": text(pair_prompt), "chosen": " " + text(seq - pair_prompt - 1),
-             "rejected": " " + text(seq - pair_prompt - 1)}
-            for _ in range(n_records)
+            {"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(r)}
+            for _ in range(n_records // cfg["batch"])
+            for p, c, r in shuffled(pair_lengths(cfg))
         ],
         "prompt": [{"prompt": text(cfg.get("prompt_len", prompt_len))} for _ in range(n_records)],
     }
@@ -217,6 +225,25 @@ def build_assets(cfg: dict, out: Path, *, kinds: tuple[str, ...]) -> dict:
 def pair_prompt_len(cfg: dict) -> int:
     """Prompt tokens of a preference record (its chosen and rejected responses take the rest of ``seq``)."""
     return max(1, min(cfg["seq"] - 2, int(cfg["seq"] * cfg.get("prompt_frac", 0.5))))
+
+
+def pair_lengths(cfg: dict) -> list[tuple[int, int, int]]:
+    """The (prompt, chosen, rejected) word counts of one batch of preference records, one token each plus
+    the EOS after each response; every batch holds this mix, shuffled. ``fixed``: the prompt's share of
+    ``seq`` and the rest for each response; ``varied``: drawn once (seed 1) within those bounds."""
+    prompt = pair_prompt_len(cfg)
+    response = cfg["seq"] - prompt - 1
+    if cfg.get("lengths", "fixed") == "fixed":
+        return [(prompt, response, response)] * cfg["batch"]
+    rng = random.Random(1)
+    span = (max(1, prompt // 4), prompt), (max(1, response // 8), response)
+    return [(rng.randint(*span[0]), rng.randint(*span[1]), rng.randint(*span[1])) for _ in range(cfg["batch"])]
+
+
+def pair_tokens(cfg: dict, shared: bool) -> int:
+    """Real tokens of one batch of pairs: each row ``prompt + response + EOS``, or with the prompt once
+    (``shared``: ``[prompt, chosen, rejected]``)."""
+    return sum((1 if shared else 2) * p + c + r + 2 for p, c, r in pair_lengths(cfg))
 
 
 def matmul_params(model_dir: str) -> int:

@@ -16,6 +16,7 @@ from common import (
     matmul_peak,
     median_of,
     pair_prompt_len,
+    pair_tokens,
     peak_for,
     settings,
     tmpdir,
@@ -48,6 +49,10 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
         add_common_args(p)
     if task in ("reward", "dpo"):  # also ours with share_prompt off, side by side in the same run
         p.set_defaults(sides="ours,ours_apart,trl")
+        p.add_argument("--padding-free", dest="padding_free", action="store_true",
+                       help="also run OUR side with padding_free=True (the pairs' [prompt, chosen, rejected] rows "
+                            "packed, no padding), as an extra side 'ours_packed' in its own labelled row; pays with "
+                            "--lengths varied")  # fmt: skip
     return p
 
 
@@ -64,6 +69,8 @@ def run(task: str, args: argparse.Namespace) -> dict:
         sides.append("ours_sampler")
     if getattr(args, "share_prompt", False) and "ours_shared" not in sides:
         sides.append("ours_shared")
+    if getattr(args, "padding_free", False) and "ours_packed" not in sides:
+        sides.append("ours_packed")
     jobs = {s: {"task": task, "side": s, "cfg": cfg, "assets": assets} for s in sides}
     n_params = matmul_params(assets["classifier" if task == "reward" else "policy"])
     try:
@@ -73,9 +80,12 @@ def run(task: str, args: argparse.Namespace) -> dict:
     online = task in ("grpo", "rloo")
     rows_per_step = cfg["batch"] * (cfg.get("generations", 1) if online else 1)
     pairs = 2 if task in ("reward", "dpo") else 1
-    # Training tokens per step: every token of every trained sequence (no padding in these batches);
-    # RL: prompt + generated tokens of every sample (the random policy rarely stops before max_new_tokens).
+    # Training tokens per step: every real token of every trained sequence (padding not counted; with
+    # --lengths fixed there is none); RL: prompt + generated tokens of every sample (the random policy
+    # rarely stops before max_new_tokens).
     tokens = rows_per_step * pairs * (cfg["seq"] + cfg["new_tokens"] if online else cfg["seq"])
+    if pairs == 2:
+        tokens = pair_tokens(cfg, shared=False)
     peak = peak_for(cfg["precision"], peaks) * 1e12
     figures = {}
     for s in sides:
@@ -84,8 +94,8 @@ def run(task: str, args: argparse.Namespace) -> dict:
         # MFU counts the tokens the model computes: with share_prompt (ours on pairs) each pair's
         # prompt once, so P + 2R tokens instead of 2(P + R); tokens/s counts the pairs' tokens on every side.
         computed = tokens
-        if s == "ours" and pairs == 2:
-            computed = cfg["batch"] * (2 * cfg["seq"] - pair_prompt_len(cfg))
+        if s in ("ours", "ours_packed") and pairs == 2:
+            computed = pair_tokens(cfg, shared=True)
         if s == "ours_shared":  # GRPO/RLOO share_prompt: each group's prompt once, P + G*R tokens per prompt
             computed = cfg["batch"] * (cfg["seq"] + cfg["generations"] * cfg["new_tokens"])
         # MFU of each round against the matmul peak its own process measured around the training.
@@ -127,6 +137,11 @@ def run(task: str, args: argparse.Namespace) -> dict:
             out["ours_shared_over_unshared"] = {"step_time": a["step_s"] / base["step_s"],
                                                 "rest": a["phases"]["rest"] / base["phases"]["rest"],
                                                 "baseline": "ours_sampler" if "ours_sampler" in figures else "ours"}  # fmt: skip
+        if "ours_packed" in figures:  # our side with padding_free: labelled
+            a = figures["ours_packed"]
+            out["ours_packed_over_trl"] = {"tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"],
+                                           "step_time": a["step_s"] / t["step_s"]}  # fmt: skip
+            out["ours_packed_over_ours"] = {"step_time": a["step_s"] / o["step_s"]}
         if "ours_apart" in figures:
             a = figures["ours_apart"]
             out["ours_apart_over_trl"] = {"tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"],
@@ -138,10 +153,11 @@ def run(task: str, args: argparse.Namespace) -> dict:
                                        "rtol": LOSS_RTOL, "ok": diff <= LOSS_RTOL}  # fmt: skip
             print(f"[{task}] first-batch loss: ours {o['first_loss']:.6f}  TRL {t['first_loss']:.6f}  "
                   f"rel diff {diff:.2e} ({'OK' if diff <= LOSS_RTOL else 'MISMATCH'})")  # fmt: skip
-            a = figures.get("ours_apart", {}).get("first_loss")
-            if a is not None:
-                out["first_loss_check"]["ours_apart"] = a
-                out["first_loss_check"]["ok"] &= abs(a - t["first_loss"]) / abs(t["first_loss"]) <= LOSS_RTOL
+            for side in ("ours_apart", "ours_packed"):
+                a = figures.get(side, {}).get("first_loss")
+                if a is not None:
+                    out["first_loss_check"][side] = a
+                    out["first_loss_check"]["ok"] &= abs(a - t["first_loss"]) / abs(t["first_loss"]) <= LOSS_RTOL
     write_report(task, args.out, out, table(task, out))
     return out
 
@@ -151,7 +167,9 @@ def table(task: str, out: dict) -> str:
     online = task in ("grpo", "rloo")
     head = (f"{task}: h{cfg['hidden']}/{cfg['layers']} layers/V{cfg['vocab']}, batch {cfg['batch']}, seq {cfg['seq']}"
             + (f", {cfg['generations']} samples x {cfg['new_tokens']} new tokens, beta {cfg['beta']}" if online else "")
-            + (f" (prompt {pair_prompt_len(cfg)} tokens)" if task in ("reward", "dpo") else "")
+            + (f" (prompt {pair_prompt_len(cfg)} tokens)" if task in ("reward", "dpo") and cfg.get("lengths", "fixed") == "fixed" else "")
+            + (f" (lengths varied: {pair_tokens(cfg, shared=False)} real tokens per batch, no padding counted)"
+               if task in ("reward", "dpo") and cfg.get("lengths") == "varied" else "")
             + f", precision {cfg['precision']}, {cfg['device']} x{cfg['threads']} threads, "
             f"{cfg['steps']} timed steps x {cfg['rounds']} rounds")  # fmt: skip
     cols = ["side", "s/step", "tokens/s", "MFU", "peak MiB", "peak - imports MiB", "first loss"]
@@ -160,6 +178,7 @@ def table(task: str, out: dict) -> str:
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for s, f in fig.items():
         name = {"ours": "lightning-rlhf", "ours_apart": "lightning-rlhf, share_prompt off",
+                "ours_packed": "lightning-rlhf, padding_free (ours only)",
                 "ours_sampler": f"lightning-rlhf, generation.dtype {cfg.get('sampler_dtype')} (ours only)",
                 "ours_shared": "lightning-rlhf, share_prompt" + (f" + generation.dtype {cfg['sampler_dtype']}"
                                                                  if cfg.get("sampler_dtype") else "") + " (ours only)"}.get(
@@ -185,6 +204,10 @@ def table(task: str, out: dict) -> str:
         lines += [f"ours with share_prompt{' + generation.dtype ' + r['sampler_dtype'] if r['sampler_dtype'] else ''} "
                   f"(not the default comparison): step time {r['step_time']:.2f}x TRL's, {q['step_time']:.2f}x "
                   f"{q['baseline']} without it (forwards + training 'rest' {q['rest']:.2f}x)"]  # fmt: skip
+    if "ours_packed_over_trl" in out:
+        r = out["ours_packed_over_trl"]
+        lines += [f"ours with padding_free (not the default comparison): tokens/s {r['tokens_per_s']:.2f}x TRL's, "
+                  f"step time {out['ours_packed_over_ours']['step_time']:.2f}x ours without it"]  # fmt: skip
     if "ours_apart_over_trl" in out:
         lines += [f"share_prompt off/TRL: tokens/s {out['ours_apart_over_trl']['tokens_per_s']:.2f}x; "
                   f"share_prompt on/off step time {out['ours_over_ours_apart']['step_time']:.2f}x"]  # fmt: skip

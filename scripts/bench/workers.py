@@ -3,7 +3,8 @@
 A job is ``{"task": sft|reward|dpo|grpo|rloo|ppo, "side": ours|ours_apart|trl, "cfg": {...}, "assets": {...}}``
 (``ours_apart``: reward model / DPO with ``share_prompt=False``; ``ours_sampler``: GRPO / RLOO
 with ``generation.dtype`` = ``cfg["sampler_dtype"]``; ``ours_shared``: GRPO / RLOO with
-``share_prompt``, plus that ``generation.dtype`` when given)
+``share_prompt``, plus that ``generation.dtype`` when given; ``ours_packed``: reward model / DPO with
+``padding_free``)
 (see ``common.py``). Trains ``warmup + steps`` optimiser steps, times each step, and prints one JSON
 line: ``step_s`` (median timed step), ``step_times``, ``first_loss`` (loss of the first batch, before
 any update), ``peak_mib`` / ``peak_minus_import_mib`` (CPU RSS high-water mark; GPU allocator
@@ -95,11 +96,12 @@ def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
     if task == "sft":
         module, data = SFTModule(policy, optim=optim), assets["sft"]
     elif task == "reward":
-        module = RewardModule(assets["classifier"], optim=optim, share_prompt=cfg.get("share_prompt", True))
+        module = RewardModule(assets["classifier"], optim=optim, share_prompt=cfg.get("share_prompt", True),
+                              padding_free=cfg.get("ours_packed", False))  # fmt: skip
         data = assets["preference"]
     elif task == "dpo":
         module = DPOModule(assets["policy"], reference=assets["reference"], optim=optim, loss_type="sigmoid", beta=0.1,
-                           share_prompt=cfg.get("share_prompt", True))  # fmt: skip
+                           share_prompt=cfg.get("share_prompt", True), padding_free=cfg.get("ours_packed", False))  # fmt: skip
         data = assets["preference"]
     else:
         from lightning_rlhf.rollout import GenerationSpec
@@ -365,11 +367,13 @@ def main() -> None:
     base = current_rss_mib()
     if job["side"] == "ours_apart":  # ours with share_prompt off: the pairs' two rows scored apart
         cfg = dict(cfg, share_prompt=False)
+    if job["side"] == "ours_packed":  # reward model / DPO with padding_free (pairs packed, no padding)
+        cfg = dict(cfg, ours_packed=True)
     if job["side"] == "ours_sampler":  # ours with generation.dtype = cfg["sampler_dtype"] (online tasks)
         cfg = dict(cfg, ours_sampler=True)
     if job["side"] == "ours_shared":  # GRPO/RLOO with share_prompt (and generation.dtype when given)
         cfg = dict(cfg, ours_shared=True, ours_sampler=bool(cfg.get("sampler_dtype")))
-    fn = {"ours": ours, "ours_apart": ours, "ours_sampler": ours, "ours_shared": ours, "trl": trl_side, "trl_old": trl_ppo}[job["side"]]
+    fn = {"ours": ours, "ours_apart": ours, "ours_sampler": ours, "ours_shared": ours, "ours_packed": ours, "trl": trl_side, "trl_old": trl_ppo}[job["side"]]
     res = fn(job["task"], cfg, job["assets"], base)
     after = matmul_peak(cfg["device"], cfg["threads"])
     res["matmul_peak_tflops"] = {k: (before[k] + after[k]) / 2 for k in before}
