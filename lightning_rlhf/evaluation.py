@@ -94,8 +94,8 @@ def evaluate_policy(
     sampling = sampling or SamplingSpec()
     gold_fns = _functions(gold)
     device = next(policy.parameters()).device
-    # Everything follows the policy's device: the sampling generator (torch.multinomial needs it on
-    # the probabilities' device) and the frozen models scored against it.
+    # Everything follows the policy's device: the sampling generator (the sampler's torch.rand needs
+    # it on the probabilities' device) and the frozen models scored against it.
     gen = torch.Generator(device=device).manual_seed(sampling.seed)
     for frozen in (reward_model, reference):
         if frozen is not None:

@@ -29,6 +29,10 @@ PREFS = ROOT / "data/demo/reviews/pref_train.jsonl"
 GOLD = "lightning_rlhf.demo.rewards.gold_reward"
 
 
+def char_length(prompts, completions, **_):
+    return [float(len(c)) for c in completions]
+
+
 def _module(stage: str, policy: Path, out: Path, **extra):
     from lightning_rlhf.stages import DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
 
@@ -40,7 +44,9 @@ def _module(stage: str, policy: Path, out: Path, **extra):
         "reward": lambda: RewardModule(model=str(policy), optim=optim, output_dir=str(out)),
         "dpo": lambda: DPOModule(policy=str(policy), optim=optim, output_dir=str(out)),
         "ppo": lambda: PPOModule(critic_init="policy", ppo_epochs=2, mini_batch_size=2, kl_target=0.01, **online),
-        "grpo": lambda: GRPOModule(num_generations=2, beta=0.1, kl_target=0.01, **online),
+        # GRPO: a reward that differs within (almost) every group of two, so that every rollout trains
+        "grpo": lambda: GRPOModule(num_generations=2, beta=0.1, kl_target=0.01,
+                                   **online | {"reward_functions": [f"{__name__}.char_length"]}),
     }[stage]()
 
 

@@ -11,6 +11,7 @@ from lightning_rlhf.rollout.generate import (
     filter_logits,
     generate,
     left_pad,
+    sample_categorical,
     sample_next,
 )
 from lightning_rlhf.rollout.scoring import (
@@ -37,6 +38,7 @@ __all__ = [
     "import_function",
     "last_token_scores",
     "left_pad",
+    "sample_categorical",
     "sample_next",
     "static_decode",
 ]

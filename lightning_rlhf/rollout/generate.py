@@ -324,6 +324,37 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+SAMPLE_BLOCK = 128
+"""Vocabulary block of :func:`sample_categorical`'s two-level draw."""
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of ``(N, V)`` probabilities (>= 0, each row with positive mass; need not sum
+    to 1) -> ``(N,)`` long.
+
+    Inverse-CDF sampling with one uniform number per row: the token where the row's cumulative mass
+    first exceeds ``u * total``. ``torch.multinomial`` draws an exponential per vocabulary entry
+    instead, which on a CPU costs 20x the rest of the draw (4 ms for 8 x 32000 probabilities, one
+    thread). The cumulative sums are fp64 (no drift over a large vocabulary), taken in two levels so
+    that no ``(N, V)`` fp64 tensor is made: over blocks of ``SAMPLE_BLOCK`` tokens, then inside the
+    chosen block. Tokens of zero probability (top-k/top-p) are never drawn.
+    """
+    n, vocab = probs.shape
+    k = min(SAMPLE_BLOCK, vocab)
+    pad = -vocab % k
+    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs.contiguous()).view(n, -1, k)  # zeros past V
+    mass = blocks.sum(-1, dtype=torch.float64)  # (N, V/k)
+    cdf = mass.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(n, 1, dtype=torch.float64, device=probs.device, generator=generator) * total
+    # the first block whose cumulative mass exceeds u (it has mass); u == total (rounding): the last with mass
+    b = torch.minimum(torch.searchsorted(cdf, u, right=True), (cdf < total).sum(-1, keepdim=True))
+    rest = (u - (cdf.gather(1, b) - mass.gather(1, b))).clamp_(min=0)  # the part of u inside block b
+    inner = blocks[torch.arange(n, device=probs.device), b.squeeze(1)].double().cumsum(-1)  # (N, k)
+    j = torch.minimum(torch.searchsorted(inner, rest, right=True), (inner < inner[:, -1:]).sum(-1, keepdim=True))
+    return (b * k + j).squeeze(-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float,
@@ -346,7 +377,7 @@ def sample_next(
         # training forward's (evaluation's KL to itself is exactly 0)
         logprobs = logits.log_softmax(-1)
         probs = filter_logits(logits, top_k, top_p).softmax(-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = sample_categorical(probs, generator)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 

@@ -2,7 +2,9 @@
 masks, log-probs, and the same generator state after), for every stop-check interval.
 
 ``reference_generate`` / ``reference_sample_next`` are verbatim copies of ``rollout.generate`` /
-``rollout.sample_next`` at commit a9ea865 (before ``stop_check_every``).
+``rollout.sample_next`` at commit a9ea865 (before ``stop_check_every``), but for the draw itself:
+``torch.multinomial`` there, ``sample_categorical`` (one uniform number per row, 20x faster on a CPU)
+in both since; the draw is tested on its own in ``test_sampling.py``.
 """
 
 from collections.abc import Sequence
@@ -12,7 +14,7 @@ import torch
 
 from lightning_rlhf.models.forward import default_position_ids
 from lightning_rlhf.rollout import Rollout, eval_mode, filter_logits, generate, left_pad
-from lightning_rlhf.rollout.generate import _forward_params, _last_logits_and_cache
+from lightning_rlhf.rollout.generate import _forward_params, _last_logits_and_cache, sample_categorical
 
 PAD = 0
 
@@ -55,7 +57,7 @@ def reference_sample_next(
         logits = logits / temperature
         logprobs = logits.log_softmax(-1)
         probs = filter_logits(logits, top_k, top_p).softmax(-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = sample_categorical(probs, generator)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 

@@ -166,8 +166,13 @@ def test_reward_function_instead_of_a_reward_model(tiny_model_dir, prompt_file, 
     assert (tmp_path / "step-1" / "config.json").exists() and (tmp_path / "config.json").exists()
 
 
+def char_length(prompts, completions, **_):
+    """A reward that is not 0 whatever was sampled (the value head then always has a target to fit)."""
+    return [float(len(c)) for c in completions]
+
+
 def test_shared_backbone_critic_is_a_value_head_on_the_policy(tiny_model_dir, prompt_file):
-    m = ppo(tiny_model_dir, reward_functions=[GREAT], share_backbone=True, vf_coef=0.5)
+    m = ppo(tiny_model_dir, reward_functions=[f"{__name__}.char_length"], share_backbone=True, vf_coef=0.5)
     m.configure_model()
     head = snapshot(m.value_head)
     policy = snapshot(m.policy)

@@ -173,10 +173,10 @@ def test_grpo_learns_a_tiny_task_sampling_from_the_bf16_copy(tiny_model_dir, wri
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in ("review the phone .", "review the lamp .")])
     m = make(str(tiny_model_dir), num_generations=16, num_iterations=2, optim=OptimSpec(learning_rate=3e-2, scheduler="constant"),
              generation=GenerationSpec(max_new_tokens=2, dtype="bfloat16"))  # fmt: skip
-    logged = fit(m, prompts, epochs=10)
+    logged = fit(m, prompts, epochs=14)
     rewards = [x["rollout/reward_mean"] for x in logged]
     first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
-    assert last > first + 0.3, rewards
+    assert last > first + 0.3, str(rewards)
     assert m._sampler_copy is None  # dropped at the end of fit
 
 
