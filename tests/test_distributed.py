@@ -95,8 +95,9 @@ from lightning_rlhf.data import RLHFDataModule
 
 kind, base, prompts = sys.argv[1:4]
 L.seed_everything(0)
-common = dict(policy=base, reward_functions=["lightning_rlhf.demo.rewards.gold_reward"],
-              generation={"max_new_tokens": 8}, mini_batch_size=4)
+# GRPO: a reward that differs within (almost) every group of two, so that both steps train
+rewards = ["lightning_rlhf.demo.rewards.gold_reward" if kind == "ppo" else "length_reward.length"]
+common = dict(policy=base, reward_functions=rewards, generation={"max_new_tokens": 8}, mini_batch_size=4)
 if kind == "ppo":
     m = PPOModule(critic_init="policy", ppo_epochs=2, **common)
 else:
@@ -125,6 +126,7 @@ def test_online_stages_under_ddp_keep_ranks_in_sync(tmp_path, kind):
 
     script = tmp_path / "run.py"
     script.write_text(ONLINE_DDP_SCRIPT)
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(script), kind, str(base_model_dir()), str(ROOT / "data/demo/reviews/prompts_eval.jsonl")],
