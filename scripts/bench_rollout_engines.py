@@ -82,9 +82,9 @@ def run(policy: Path, engine: str, args, device: str) -> dict:
     import lightning as L
 
     from lightning_rlhf.data import RLHFDataModule
+    from lightning_rlhf.models.loader import LoraSpec, ModelSpec
     from lightning_rlhf.rollout import GenerationSpec, VLLMSpec
     from lightning_rlhf.stages import GRPOModule
-    from lightning_rlhf.models.loader import LoraSpec, ModelSpec
     from lightning_rlhf.stages.common import OptimSpec
 
     module = GRPOModule(

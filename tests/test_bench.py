@@ -60,7 +60,7 @@ def test_varied_lengths_give_every_batch_the_same_mix_of_lengths_in_another_orde
     batches = list(dm.train_dataloader())
     assert len(batches) == cfg["warmup"] + cfg["steps"] + 1
     lengths = [b["attention_mask"].sum(-1).tolist() for b in batches]
-    for b, row_lengths in zip(batches, lengths):
+    for b, row_lengths in zip(batches, lengths, strict=True):
         assert sum(row_lengths) == common.pair_tokens(cfg, shared=False)  # chosen and rejected rows, real tokens
         assert sorted(row_lengths) == sorted(lengths[0]) and len(set(row_lengths)) > 1  # same mix, ragged
         assert b["input_ids"].shape[-1] == max(row_lengths) <= cfg["seq"]
