@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -101,6 +102,7 @@ def run(policy: Path, engine: str, args, device: str) -> dict:
         optim=OptimSpec(learning_rate=1e-6, scheduler="constant"),
         log_samples_every_n_steps=0,
         tis_cap=args.tis_cap if engine == "vllm" else None,
+        micro_batch_tokens=args.micro_batch_tokens or None,
     )
     steps: list[dict] = []
     log_rollout = module.log_rollout
@@ -149,6 +151,8 @@ def run(policy: Path, engine: str, args, device: str) -> dict:
         "logprob_diff_mean": med("rollout/logprob_diff_mean"),
         "logprob_diff_max": med("rollout/logprob_diff_max"),
         "n_params_m": sum(p.numel() for p in module.policy.parameters()) / 1e6,
+        # the process's peak so far: one engine per process (--engines hf) for a figure of its own
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -217,6 +221,10 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="alternate the engines this many times (one fit each) on a busy machine"
     )
+    parser.add_argument(
+        "--micro-batch-tokens", type=int, default=8192,
+        help="the module's micro_batch_tokens: padded tokens per training / scoring forward (0: all rows at once)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument(

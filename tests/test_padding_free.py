@@ -9,51 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from tiny_families import FAMILIES, V, build, ragged_rollout
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_rlhf.models.forward import four_d_mask_refusal, sequence_logprobs
 from lightning_rlhf.models.value import ValueHead, logprobs_and_values, sequence_values
 from lightning_rlhf.rollout.generate import Rollout
 
-V = 48
-SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
-FAMILIES = {
-    "llama": dict(SIZE, intermediate_size=64, num_key_value_heads=2),
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "opt": dict(SIZE, ffn_dim=64, word_embed_proj_dim=32),
-}
-
-
-def build(family: str, attn: str, classifier: bool = False, seed: int = 0, **extra):
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, vocab_size=V, pad_token_id=0, **FAMILIES[family], **extra)
-    config._attn_implementation = attn
-    if classifier:
-        config.num_labels = 1
-        return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).eval()
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
-
 
 def rollout(seed: int = 0) -> Rollout:
     """6 rows: ragged prompts (1..5 tokens, left-padded to 5), responses of 1..8 tokens (right-padded)."""
     g = torch.Generator().manual_seed(seed)
-    prompt_len, response_len = [5, 1, 3, 2, 5, 4], [8, 2, 8, 1, 3, 6]
-    n, p, r = len(prompt_len), 5, 8
-    prompt_mask = torch.zeros(n, p, dtype=torch.long)
-    response_mask = torch.zeros(n, r, dtype=torch.long)
-    for i, (a, b) in enumerate(zip(prompt_len, response_len, strict=True)):
-        prompt_mask[i, p - a :], response_mask[i, :b] = 1, 1
-    prompt_ids = torch.randint(1, V, (n, p), generator=g) * prompt_mask
-    response_ids = torch.randint(1, V, (n, r), generator=g) * response_mask
-    return Rollout(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        response_ids=response_ids,
-        response_mask=response_mask,
-        logprobs=torch.zeros(n, r),
-        finished=torch.tensor(response_len) < r,
-        prompt_index=torch.arange(n),
-    )
+    prompts = [torch.randint(1, V, (n,), generator=g) for n in (5, 1, 3, 2, 5, 4)]
+    return ragged_rollout(prompts, [8, 2, 8, 1, 3, 6], list(range(6)), g)
 
 
 def grads(model) -> dict[str, torch.Tensor]:

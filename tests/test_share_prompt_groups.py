@@ -10,25 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_families import FAMILIES, V, build, ragged_rollout
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_rlhf.core.prefix import PROMPT, attention_allowed, group_rows, share_prompt_groups
 from lightning_rlhf.rollout.generate import Rollout
-
-V = 48
-SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
-FAMILIES = {
-    "llama": dict(SIZE, intermediate_size=64, num_key_value_heads=2),
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "opt": dict(SIZE, ffn_dim=64, word_embed_proj_dim=32),
-}
-
-
-def build(family: str, attn: str, seed: int = 0):
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, vocab_size=V, pad_token_id=0, **FAMILIES[family])
-    config._attn_implementation = attn
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
 def grouped_rollout(seed: int = 0, response_len: tuple[int, ...] = (8, 2, 8, 1, 3, 6)) -> Rollout:
@@ -38,23 +24,7 @@ def grouped_rollout(seed: int = 0, response_len: tuple[int, ...] = (8, 2, 8, 1, 
     prompts = {"A": torch.randint(1, V, (4,), generator=g), "B": torch.randint(1, V, (2,), generator=g),
                "C": torch.randint(1, V, (5,), generator=g)}  # fmt: skip
     order = ["A", "B", "C", "A", "B", "A"]
-    n, p, r = len(order), 5, 8
-    prompt_ids = torch.zeros(n, p, dtype=torch.long)
-    prompt_mask = torch.zeros(n, p, dtype=torch.long)
-    response_mask = torch.zeros(n, r, dtype=torch.long)
-    for i, (name, b) in enumerate(zip(order, response_len, strict=True)):
-        a = len(prompts[name])
-        prompt_ids[i, p - a :], prompt_mask[i, p - a :], response_mask[i, :b] = prompts[name], 1, 1
-    response_ids = torch.randint(1, V, (n, r), generator=g) * response_mask
-    return Rollout(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        response_ids=response_ids,
-        response_mask=response_mask,
-        logprobs=torch.zeros(n, r),
-        finished=torch.tensor(response_len) < r,
-        prompt_index=torch.tensor([0, 1, 2, 0, 1, 0]),
-    )
+    return ragged_rollout([prompts[k] for k in order], list(response_len), [0, 1, 2, 0, 1, 0], g)
 
 
 def test_groups_found_by_content_in_any_order():

@@ -86,7 +86,8 @@ class GRPOModule(OnlineRLModule):
         mini_batch_size: rollout rows per optimiser step (None: the whole rollout, one step per
             iteration).
         micro_batch_size: rows per forward/backward; gradients are accumulated over the mini-batch
-            (None: the mini-batch at once).
+            (None: as many rows as fit in ``micro_batch_tokens`` padded tokens, the whole mini-batch
+            when that is None).
         clip_eps: lower (and, by default, upper) ratio clip range.
         clip_eps_high: upper clip range (DAPO's clip-higher, e.g. 0.28); None: ``clip_eps``.
         dual_clip: dual-clip bound ``c > 1`` for negative advantages (None: off).

@@ -4,7 +4,7 @@ micro-batch), clipping, non-finite handling, and the Trainer options that manual
 
 :class:`MinibatchOptimisation` is a mixin of :class:`~lightning_rlhf.stages.online.OnlineRLModule`
 (a ``LightningModule`` with ``automatic_optimization = False``). It reads the module's ``optim``,
-``schedule_steps``, ``rollout_step``, ``generator`` and ``_nonfinite_rewards_at``, and writes
+``schedule_steps``, ``micro_batch_tokens``, ``rollout_step``, ``generator`` and ``_nonfinite_rewards_at``, and writes
 ``_schedulers`` (under Fabric) and ``_policy_version`` (the vLLM engine's sync clock). One PPO update
 reads, top to bottom::
 
@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ..models.distributed import all_reduce, fsdp_gradient_sync, world_size
+from ..rollout import Rollout
 from ..rollout.experience import Experience
 from .common import build_optimizer, build_scheduler, grads_finite, total_training_steps
 
@@ -50,6 +51,18 @@ class MinibatchOptimisation:
             return list(self._schedulers)
         scheds = self.lr_schedulers()
         return [] if scheds is None else list(scheds) if isinstance(scheds, list) else [scheds]
+
+    def rows_per_forward(self, rows: int | None, rollout: Rollout) -> int:
+        """Rows of ``rollout`` per forward: ``rows`` when given, else as many of its padded rows as fit in
+        ``micro_batch_tokens`` tokens (at least one), or all of them when that is None. Memory grows with
+        the padded tokens of a forward (activations for the backward, vocabulary-sized logits), so a
+        rollout of any size trains in bounded memory."""
+        if rows is not None:
+            return rows
+        if self.micro_batch_tokens is None:
+            return max(1, len(rollout))
+        width = rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]
+        return max(1, self.micro_batch_tokens // max(1, width))
 
     def optimizer_list(self) -> list:
         opts = self.optimizers()
@@ -134,7 +147,9 @@ class MinibatchOptimisation:
             optimizers: ``(optimizer, max_grad_norm)`` pairs, clipped and stepped in this order after
                 each mini-batch (``clip_and_step``; ``max_grad_norm`` None: no clipping).
             epochs: passes over the rollout.
-            mini_batch_size / micro_batch_size: rows per optimiser step / per forward (None: all).
+            mini_batch_size: rows per optimiser step (None: all).
+            micro_batch_size: rows per forward and backward (None: ``rows_per_forward``, as many as
+                fit in ``micro_batch_tokens`` padded tokens).
             loss_agg: the losses' reduction; it fixes each micro-batch's share of the mini-batch
                 loss (its tokens for ``token_mean``, its rows otherwise), so that the accumulated
                 gradient is that of the whole mini-batch.
@@ -151,7 +166,7 @@ class MinibatchOptimisation:
         history: dict[str, list[torch.Tensor]] = defaultdict(list)
         n = len(experience) if has_rows else 0
         size = mini_batch_size or len(experience)
-        micro = micro_batch_size or size
+        micro = min(size, self.rows_per_forward(micro_batch_size, experience.rollout))
         # the agreed plan: most mini-batches per epoch, most micro-batches per mini-batch
         plan = torch.tensor([math.ceil(n / size), math.ceil(min(n, size) / micro)], device=self.device)
         n_mini, n_micro = (int(v) for v in all_reduce(plan, "max"))

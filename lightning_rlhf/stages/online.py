@@ -130,7 +130,11 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         schedule_steps: rollout steps the learning-rate schedule spans. None: the Trainer's
             estimate of training batches (1000 when driven by Fabric).
         forward_batch_size: rows per no-grad forward (old log-probs, reference, reward, values);
-            None: the whole rollout at once.
+            None: as many as fit in ``micro_batch_tokens``.
+        micro_batch_tokens: padded tokens (rows x columns) per forward when ``micro_batch_size``
+            (training) or ``forward_batch_size`` (no-grad forwards) is None, so that activation and
+            logit memory stays bounded whatever the rollout's size (8192: TRL's default of 8 rows of
+            1024 tokens). Gradients are the same whatever the split. None: every row in one forward.
         offload_frozen: keep the reference and reward model on the CPU and move each to the
             accelerator only for its forward (saves accelerator memory; costs transfers).
         seed: seed of the rollout's own ``torch.Generator`` (sampling and mini-batch shuffling; its
@@ -190,6 +194,7 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         optim: OptimSpec | None = None,
         schedule_steps: int | None = None,
         forward_batch_size: int | None = None,
+        micro_batch_tokens: int | None = 8192,
         offload_frozen: bool = False,
         seed: int = 0,
         disable_dropout: bool = True,
@@ -222,6 +227,8 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
                 f"generation.temperature must be > 0 for RL (got {generation.temperature}): the training "
                 "forward scores the samples under softmax(logits / temperature)"
             )
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1 or None (every row in one forward), got {micro_batch_tokens}")
         if tis_cap is not None and tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0 (or None: off), got {tis_cap}")
         self.automatic_optimization = False
@@ -248,6 +255,7 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         self.optim = as_dataclass(OptimSpec, optim)
         self.schedule_steps = schedule_steps
         self.forward_batch_size = forward_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.offload_frozen = offload_frozen
         self.seed = seed
         self.disable_dropout = disable_dropout
@@ -403,14 +411,15 @@ class OnlineRLModule(RolloutEngine, MinibatchOptimisation, RolloutLogging, Onlin
         return self.all_gather(x).flatten() if world > 1 else x
 
     def _chunked(self, fn: Callable[[Rollout], torch.Tensor | tuple], rollout: Rollout):
-        """``fn`` over chunks of ``forward_batch_size`` rows, outputs (a tensor or a tuple) concatenated.
+        """``fn`` over chunks of ``forward_batch_size`` rows (``rows_per_forward``), outputs (a tensor or
+        a tuple) concatenated.
 
-        Several processes with different row counts: the ranks agree on the most chunks, and a rank
-        with fewer runs (and drops) forwards of its row 0, so every rank runs the same forwards
+        Several processes with different row counts or widths: the ranks agree on the most chunks, and
+        a rank with fewer runs (and drops) forwards of its row 0, so every rank runs the same forwards
         (each one a collective under FSDP2)."""
-        step = self.forward_batch_size or len(rollout)
+        step = self.rows_per_forward(self.forward_batch_size, rollout)
         outs = [fn(rollout.select(slice(i, i + step))) for i in range(0, len(rollout), step)]
-        if self.forward_batch_size and world_size() > 1:
+        if world_size() > 1:
             most = int(all_reduce(torch.tensor(len(outs), device=self.device), "max"))
             for _ in range(most - len(outs)):
                 fn(rollout.select(slice(0, 1)))

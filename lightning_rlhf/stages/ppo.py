@@ -68,7 +68,8 @@ class PPOModule(OnlineRLModule):
         ppo_epochs: passes over the rollout per step.
         mini_batch_size: rollout rows per optimiser step (None: the whole rollout, one step per epoch).
         micro_batch_size: rows per forward/backward; gradients are accumulated over the mini-batch
-            (None: the mini-batch at once).
+            (None: as many rows as fit in ``micro_batch_tokens`` padded tokens, the whole mini-batch
+            when that is None).
         clip_eps: PPO ratio clip range.
         policy_loss: the policy loss by name in ``core.registry`` (``ppo_clip``: ``core.ppo_policy_loss``;
             or one registered with ``register_policy_loss``, or an import path). ``target_kl`` reads

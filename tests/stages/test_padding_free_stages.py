@@ -9,25 +9,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from online_fits import GREAT, EarlyEos, fit_two_rollouts
+from online_fits import ragged_prompts as ragged_prompt_file
 
-from lightning_rlhf.data import RLHFDataModule
 from lightning_rlhf.models import ModelSpec
 from lightning_rlhf.stages import GenerationSpec, GRPOModule, PPOModule
 from lightning_rlhf.stages.common import OptimSpec
-
-
-def great(prompts, completions, **_):
-    return [c.split().count("great") / max(1, len(c.split())) + 0.1 * len(c.split()) for c in completions]
-
-
-GREAT = f"{__name__}.great"
-
-
-class EarlyEos:
-    """A third of the vocabulary ends a response: rows stop after different numbers of tokens."""
-
-    def eos_token_ids(self):
-        return sorted(set(super().eos_token_ids()) | set(range(0, len(self.tokenizer), 3)))
 
 
 class GRPO(EarlyEos, GRPOModule):
@@ -40,40 +27,16 @@ class PPO(EarlyEos, PPOModule):
 
 @pytest.fixture(scope="module")
 def ragged_prompts(tmp_path_factory, write_jsonl):
-    words = "the movie was great and the plot was fun but the end was slow".split()
-    recs = [{"prompt": " ".join(words[i % 3 : 2 + 3 * (i % 4)])} for i in range(8)]  # 2 to 11 words
-    return write_jsonl(tmp_path_factory.mktemp("ragged") / "prompts.jsonl", recs)
+    return ragged_prompt_file(write_jsonl, tmp_path_factory.mktemp("ragged"), 8)
 
 
 def run(module, prompts) -> dict:
-    """Fit two rollout steps; return each step's rollout, training statistics and the final weights."""
-    seen: dict = {"rollouts": [], "stats": []}
-    generate, optimise = module.generate, module.optimise
+    """Fit two rollout steps, recording the ranks of the policy's attention masks (4D when packed)."""
 
-    def gen(batch):
-        seen["rollouts"].append(generate(batch))
-        return seen["rollouts"][-1]
+    def record(seen, kw):
+        seen.setdefault("mask_dims", set()).add(kw["attention_mask"].dim())
 
-    def opt(*a, **kw):
-        seen["stats"].append(optimise(*a, **kw))
-        return seen["stats"][-1]
-
-    module.generate, module.optimise = gen, opt
-
-    class MaskSpy(L.Callback):  # the attention masks the policy's forwards get: 4D when packed
-        def on_fit_start(self, trainer, module):
-            module.policy.register_forward_pre_hook(
-                lambda _m, _a, kw: seen.setdefault("mask_dims", set()).add(kw["attention_mask"].dim()), with_kwargs=True
-            )
-
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[MaskSpy()],
-    )  # fmt: skip
-    dm = RLHFDataModule(train_files=str(prompts), kind="prompt", batch_size=4, shuffle=False)
-    trainer.fit(module, datamodule=dm)
-    seen["weights"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return seen
+    return fit_two_rollouts(module, prompts, batch_size=4, on_forward=record)
 
 
 def assert_same_runs(a: dict, b: dict) -> None:

@@ -12,63 +12,30 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from online_fits import GREAT, EarlyEos, fit_two_rollouts
+from online_fits import ragged_prompts as ragged_prompt_file
 
-from lightning_rlhf.data import RLHFDataModule
 from lightning_rlhf.models import LoraSpec, ModelSpec
 from lightning_rlhf.stages import GenerationSpec, GRPOModule, PPOModule
 from lightning_rlhf.stages.common import OptimSpec
 
 
-def great(prompts, completions, **_):
-    return [c.split().count("great") / max(1, len(c.split())) + 0.1 * len(c.split()) for c in completions]
-
-
-GREAT = f"{__name__}.great"
-
-
-class GRPO(GRPOModule):
-    def eos_token_ids(self):  # a third of the vocabulary ends a response: ragged responses
-        return sorted(set(super().eos_token_ids()) | set(range(0, len(self.tokenizer), 3)))
+class GRPO(EarlyEos, GRPOModule):
+    pass
 
 
 @pytest.fixture(scope="module")
 def ragged_prompts(tmp_path_factory, write_jsonl):
-    words = "the movie was great and the plot was fun but the end was slow".split()
-    recs = [{"prompt": " ".join(words[i % 3 : 2 + 3 * (i % 4)])} for i in range(4)]  # 2 to 11 words
-    return write_jsonl(tmp_path_factory.mktemp("ragged") / "prompts.jsonl", recs)
+    return ragged_prompt_file(write_jsonl, tmp_path_factory.mktemp("ragged"), 4)
 
 
 def run(module, prompts) -> dict:
-    """Fit two rollout steps; each step's rollout and statistics, the final weights, and the rows /
-    mask ranks of the policy's forwards."""
-    seen: dict = {"rollouts": [], "stats": [], "forwards": []}
-    generate, optimise = module.generate, module.optimise
+    """Fit two rollout steps, recording the rows / mask ranks of the policy's forwards."""
 
-    def gen(batch):
-        seen["rollouts"].append(generate(batch))
-        return seen["rollouts"][-1]
+    def record(seen, kw):
+        seen.setdefault("forwards", []).append((kw["input_ids"].shape, kw["attention_mask"].dim()))
 
-    def opt(*a, **kw):
-        seen["stats"].append(optimise(*a, **kw))
-        return seen["stats"][-1]
-
-    module.generate, module.optimise = gen, opt
-
-    class Spy(L.Callback):
-        def on_fit_start(self, trainer, module):
-            module.policy.register_forward_pre_hook(
-                lambda _m, _a, kw: seen["forwards"].append((kw["input_ids"].shape, kw["attention_mask"].dim())),
-                with_kwargs=True,
-            )
-
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Spy()],
-    )  # fmt: skip
-    dm = RLHFDataModule(train_files=str(prompts), kind="prompt", batch_size=2, shuffle=False)
-    trainer.fit(module, datamodule=dm)
-    seen["weights"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return seen
+    return fit_two_rollouts(module, prompts, batch_size=2, on_forward=record)
 
 
 def grpo(model_dir, lora: bool = False, **kw) -> GRPO:
