@@ -13,7 +13,10 @@ vLLM changes the host process when it starts; :func:`host_state_kept` restores w
 - ``torch.set_num_threads`` is patched into a no-op by vLLM's CPU backend: the thread count is
   restored through ``torch._C.set_num_threads``;
 - ``torch.distributed`` gets initialised (gloo, world size 1) when no process group exists; the
-  engine destroys it again in :meth:`VLLMEngine.close` (called at the end of fit).
+  engine destroys it again in :meth:`VLLMEngine.close` (called at the end of fit);
+- warnings that this colocated, tokenizer-free engine causes by design, and that say nothing wrong,
+  are dropped (:class:`ExpectedNotices`): every run would otherwise print a traceback at the start
+  and "Failed to load weights" at every weight sync.
 
 In a multi-process run (Lightning DDP / FSDP2: a process group exists), every rank builds the engine
 with ``distributed_executor_backend="external_launcher"``, vLLM's torchrun mode: vLLM joins the
@@ -27,6 +30,7 @@ then destroys only vLLM's own groups, never the launcher's process group.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import tempfile
@@ -69,6 +73,46 @@ def host_state_kept() -> Iterator[None]:
             np.random.set_state(np_state)
         if torch.get_num_threads() != threads:
             torch._C.set_num_threads(threads)
+
+
+class ExpectedNotices(logging.Filter):
+    """Drops vLLM's warnings that this engine causes by design (vllm 0.32); every other record passes.
+
+    - ``Chat template warmup failed`` (with a traceback) and ``Using None for EOS/BOS token id``: the
+      engine has no tokenizer (``skip_tokenizer_init``); prompts arrive as ids, stop ids with each
+      request.
+    - ``<layer>: Failed to load weights`` for a rotary embedding (no weights) or the LM head (tied to
+      the embedding: recomputed after each sync by ``_refresh_tied_lm_head``). The same message for
+      any other layer passes.
+    - ``CPU backend doesn't allow to use torch.set_num_threads``: vLLM's CPU worker patches it away;
+      :func:`host_state_kept` restores the thread count.
+    """
+
+    LOGGERS = (  # where vLLM logs them: a logger's own filter sees the records created there
+        "vllm.renderers.base",
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "vllm.v1.worker.cpu_worker",
+    )
+    MESSAGES = (
+        "Chat template warmup failed",
+        "because tokenizer is not initialized",
+        "doesn't allow to use `torch.set_num_threads`",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.endswith(": Failed to load weights"):
+            layer = message.rsplit(":", 1)[0]
+            return not ("Rotary" in layer or layer == "ParallelLMHead")
+        return not any(m in message for m in self.MESSAGES)
+
+    @classmethod
+    def install(cls) -> None:
+        """Add the filter to vLLM's loggers that emit these notices (once)."""
+        for name in cls.LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, cls) for f in logger.filters):
+                logger.addFilter(cls())
 
 
 # ---------------------------------------------------------------------------------- weights
@@ -158,6 +202,7 @@ class VLLMEngine:
         with host_state_kept(), _environ(env):
             from vllm import LLM
 
+            ExpectedNotices.install()
             kwargs = dict(
                 model=self._folder.name,
                 skip_tokenizer_init=True,
