@@ -81,9 +81,10 @@ class ExpectedNotices(logging.Filter):
     - ``Chat template warmup failed`` (with a traceback) and ``Using None for EOS/BOS token id``: the
       engine has no tokenizer (``skip_tokenizer_init``); prompts arrive as ids, stop ids with each
       request.
-    - ``<layer>: Failed to load weights`` for a rotary embedding (no weights) or the LM head (tied to
-      the embedding: recomputed after each sync by ``_refresh_tied_lm_head``). The same message for
-      any other layer passes.
+    - ``<layer>: Failed to load weights`` for a rotary embedding (no weights) or, while a tied model's
+      weights are synced (``tied_lm_head``), the LM head (tied to the embedding: recomputed after the
+      sync by ``_refresh_tied_lm_head``). The same message for any other layer, or for an untied LM
+      head, passes.
     - ``CPU backend doesn't allow to use torch.set_num_threads``: vLLM's CPU worker patches it away;
       :func:`host_state_kept` restores the thread count.
     """
@@ -99,11 +100,13 @@ class ExpectedNotices(logging.Filter):
         "doesn't allow to use `torch.set_num_threads`",
     )
 
+    tied_lm_head = False  # set by VLLMEngine.sync_weights while it loads a tied model's weights
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if message.endswith(": Failed to load weights"):
             layer = message.rsplit(":", 1)[0]
-            return not ("Rotary" in layer or layer == "ParallelLMHead")
+            return not ("Rotary" in layer or (layer == "ParallelLMHead" and ExpectedNotices.tied_lm_head))
         return not any(m in message for m in self.MESSAGES)
 
     @classmethod
@@ -292,14 +295,18 @@ class VLLMEngine:
         start = time.perf_counter()
         self.wake_up()
         with host_state_kept():
-            self.llm.collective_rpc(
-                "reload_weights",
-                kwargs={
-                    # cast here, one parameter at a time: vLLM would cast too, warning once per weight
-                    "weights_iterator": ((n, w.to(self.dtype)) for n, w in policy_weights(model)),
-                    "is_checkpoint_format": True,
-                },
-            )
+            ExpectedNotices.tied_lm_head = self.tied
+            try:
+                self.llm.collective_rpc(
+                    "reload_weights",
+                    kwargs={
+                        # cast here, one parameter at a time: vLLM would cast too, warning once per weight
+                        "weights_iterator": ((n, w.to(self.dtype)) for n, w in policy_weights(model)),
+                        "is_checkpoint_format": True,
+                    },
+                )
+            finally:
+                ExpectedNotices.tied_lm_head = False
             if self.tied:
                 self.llm.apply_model(_refresh_tied_lm_head)
             self.llm.reset_prefix_cache()
