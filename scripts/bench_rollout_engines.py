@@ -102,7 +102,8 @@ def run(policy: Path, engine: str, args, device: str) -> dict:
         optim=OptimSpec(learning_rate=1e-6, scheduler="constant"),
         log_samples_every_n_steps=0,
         tis_cap=args.tis_cap if engine == "vllm" else None,
-        micro_batch_tokens=args.micro_batch_tokens or None,
+        # the module's default unless given; 0: every row in one forward
+        **({} if args.micro_batch_tokens is None else {"micro_batch_tokens": args.micro_batch_tokens or None}),
     )
     steps: list[dict] = []
     log_rollout = module.log_rollout
@@ -222,8 +223,9 @@ def main() -> None:
         "--rounds", type=int, default=1, help="alternate the engines this many times (one fit each) on a busy machine"
     )
     parser.add_argument(
-        "--micro-batch-tokens", type=int, default=8192,
-        help="the module's micro_batch_tokens: padded tokens per training / scoring forward (0: all rows at once)",
+        "--micro-batch-tokens", type=int, default=None,
+        help="the module's micro_batch_tokens: padded tokens per training / scoring forward (default: the "
+             "module's; 0: all rows at once)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--json", default=None, help="also write the results to this file")
