@@ -1,4 +1,5 @@
-"""Side effects of the online stages as Lightning callbacks: periodic export, W&B sample tables.
+"""Lightning callbacks: the online stages' side effects (periodic export, W&B sample tables), and
+regional ``torch.compile`` for the offline stages (:class:`CompileLayers`).
 
 The online stages (PPO, GRPO) add them themselves from their options (``save_every_n_steps``,
 ``log_samples_every_n_steps``) through ``configure_callbacks``, so existing YAML keeps working; a
@@ -74,3 +75,32 @@ def log_sample_table(loggers, step: int, samples: list[dict]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_text(key="rollout/samples", columns=["step", "prompt", "response", "reward"], data=rows)
+
+
+class CompileLayers(Callback):
+    """Regional ``torch.compile`` for SFT, the reward model and DPO: when the fit starts, every decoder
+    layer of the trained model and of the frozen ones the stage holds (DPO's reference) is compiled in
+    place (``nn.Module.compile``: parameter names and checkpoints stay the same, and identical layers
+    share one compiled code, so it compiles once, not once per layer). ``mode`` and ``dynamic`` are
+    ``torch.compile``'s.
+
+    Add it to the Trainer's callbacks (YAML: ``trainer.callbacks: [{class_path:
+    lightning_rlhf.callbacks.CompileLayers}]``). The first steps are slower while it compiles, and again
+    whenever a batch brings a new shape. PPO and GRPO are refused: their policy also samples one token
+    at a time, a new shape at every step. What it pays here: ``scripts/bench/train_kernels.py``
+    (README, "Benchmarks").
+    """
+
+    def __init__(self, mode: str | None = None, dynamic: bool | None = None):
+        self.mode, self.dynamic = mode, dynamic
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from .models.distributed import fsdp_units
+        from .stages.common import OfflineStageModule
+
+        if not isinstance(pl_module, OfflineStageModule):
+            raise ValueError(f"CompileLayers compiles the offline stages' models (SFT, reward model, DPO), not "
+                             f"{type(pl_module).__name__}'s: its policy also samples, a new shape per token")  # fmt: skip
+        for model in pl_module.held_models():
+            for layer in fsdp_units(model):
+                layer.compile(mode=self.mode, dynamic=self.dynamic)

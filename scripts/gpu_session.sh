@@ -3,7 +3,8 @@
 # GPU lease (README "GPU"): the CUDA smoke test of every stage, the comparisons against TRL at the
 # issue's H100 size, and the sampler's tokens/s.
 #
-#   bash scripts/gpu_session.sh [generate,sft,check,dpo,reward]     # default: all, in this order
+#   bash scripts/gpu_session.sh [generate,sft,check,dpo,reward]     # default: these, in this order
+#   bash scripts/gpu_session.sh kernels     # also: regional torch.compile of SFT / reward model (train_kernels.py)
 #
 # Optional wheels for packages a bare GPU box lacks (trl, datasets, jsonargparse, bitsandbytes, ...) are
 # taken from .whl/ when that folder exists (pip install --no-deps --target /tmp/site, never from the
@@ -46,7 +47,9 @@ for part in ${PARTS//,/ }; do
     sft) run 110 bench_sft "$PYTHON" scripts/bench/sft.py "${B[@]}" --batch 16 --seq 1024 ;;
     dpo) run 95 bench_dpo "$PYTHON" scripts/bench/dpo.py "${B[@]}" --batch 8 --seq 512 ;;
     reward) run 85 bench_reward "$PYTHON" scripts/bench/reward.py "${B[@]}" --batch 8 --seq 512 ;;
-    *) say "unknown part $part (generate, check, sft, dpo, reward)" ;;
+    kernels) run 180 train_kernels "$PYTHON" scripts/bench/train_kernels.py "${B[@]}" --batch 8 --seq 512 \
+                --tasks sft,reward --variants sdpa,compile ;;
+    *) say "unknown part $part (generate, check, sft, dpo, reward, kernels)" ;;
   esac
 done
 tar czf "$OUT/results.tgz" -C "$OUT" work 2>/dev/null

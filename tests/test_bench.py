@@ -115,3 +115,26 @@ def test_reward_comparison_on_ragged_pairs_computes_the_same_loss_packed(tmp_pat
     assert check["ok"] and {"ours_apart", "ours_packed"} <= set(check), check
     assert res["figures"]["trl"]["tokens_per_step"] == res["figures"]["ours_packed"]["tokens_per_step"]
     assert "ours_packed_over_trl" in res and "padding_free" in (out / "reward.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_kernels_runs_each_variant_with_its_kernels_and_the_same_loss(tmp_path):
+    """``train_kernels.py``: eager attention and compiled decoder layers are really what ran, and they
+    compute the default's first-batch loss."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(BENCH / "train_kernels.py"), "--size", "tiny", "--tasks", "reward,dpo", "--variants", "sdpa,eager,compile",
+           "--batch", "2",
+           "--seq", "24", "--steps", "1", "--warmup", "1", "--rounds", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "train_kernels.json").read_text())["results"]
+    for task, layers in (("reward", 2), ("dpo", 4)):  # DPO: the policy's and the reference's layers
+        ran = {v: res[task][v][0] for v in ("sdpa", "eager", "compile")}
+        assert ran["sdpa"]["attn_implementations"] == ran["compile"]["attn_implementations"] == ["sdpa"], task
+        assert ran["eager"]["attn_implementations"] == ["eager"], task
+        assert (ran["sdpa"]["compiled_layers"], ran["eager"]["compiled_layers"], ran["compile"]["compiled_layers"]) == (0, 0, layers)
+        for v in ("eager", "compile"):
+            assert ran[v]["first_loss"] == pytest.approx(ran["sdpa"]["first_loss"], rel=1e-5), (task, v)
+    assert "eager (eager)" in (out / "train_kernels.md").read_text()
+    op = json.loads((out / "train_kernels.json").read_text())["attention_op_ms"]
+    assert set(op) == {"sdpa_float32", "matmuls_float32", "sdpa_bfloat16", "matmuls_bfloat16"} and min(op.values()) > 0

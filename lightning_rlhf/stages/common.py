@@ -241,6 +241,10 @@ class StageModule(LightningModule, metaclass=_NormalisingSpecs):
     def exported_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def held_models(self) -> list[nn.Module]:
+        """The model this stage trains (``exported_model``) and the frozen ones it holds apart."""
+        return [self.exported_model(), *self._frozen.values()]
+
     @property
     def global_rank(self) -> int:
         """This process's rank under a Trainer or Fabric (Lightning's own property reads the Trainer

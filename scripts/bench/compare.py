@@ -47,6 +47,11 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
                             "stays the default (share_prompt off)")  # fmt: skip
     else:
         add_common_args(p)
+        p.add_argument("--attn", default=None, help="attn_implementation of every model on both sides (eager, sdpa, "
+                       "...; default: transformers' choice, sdpa)")  # fmt: skip
+        p.add_argument("--compile", action="store_true",
+                       help="both sides: every decoder layer compiled in place (regional torch.compile; ours through "
+                            "the callback lightning_rlhf.callbacks.CompileLayers); give --warmup 2 or more")  # fmt: skip
     if task in ("reward", "dpo"):  # also ours with share_prompt off, side by side in the same run
         p.set_defaults(sides="ours,ours_apart,trl")
         p.add_argument("--padding-free", dest="padding_free", action="store_true",
@@ -170,7 +175,10 @@ def table(task: str, out: dict) -> str:
             + (f" (prompt {pair_prompt_len(cfg)} tokens)" if task in ("reward", "dpo") and cfg.get("lengths", "fixed") == "fixed" else "")
             + (f" (lengths varied: {pair_tokens(cfg, shared=False)} real tokens per batch, no padding counted)"
                if task in ("reward", "dpo") and cfg.get("lengths") == "varied" else "")
-            + f", precision {cfg['precision']}, {cfg['device']} x{cfg['threads']} threads, "
+            + f", precision {cfg['precision']}"
+            + (f", attn_implementation {cfg['attn']} (both sides)" if cfg.get("attn") else "")
+            + (", decoder layers compiled (both sides)" if cfg.get("compile") else "")
+            + f", {cfg['device']} x{cfg['threads']} threads, "
             f"{cfg['steps']} timed steps x {cfg['rounds']} rounds")  # fmt: skip
     cols = ["side", "s/step", "tokens/s", "MFU", "peak MiB", "peak - imports MiB", "first loss"]
     if online:

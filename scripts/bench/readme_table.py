@@ -5,7 +5,8 @@
 Replaces the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in the README;
 ``--check`` only says whether the README is up to date (exit 1 if not). Runs at
 ``--precision bf16-mixed`` kept in ``DIR/bf16-mixed/`` get a table of their own, then a table of which
-precision is faster for each side (step time fp32 / bf16-mixed, per comparison).
+precision is faster for each side (step time fp32 / bf16-mixed, per comparison); runs with
+``--attn eager --compile`` kept in ``DIR/bf16-mixed-eager-compile/`` get one more.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def table(results: Path) -> str:
             if run.get("benchmark", "").startswith("precision"):
                 same_run |= {stage: dict(x, command=run["command"]) for stage, x in run.get("stages", {}).items()}
         text += "\n\n" + faster(_runs(results), _runs(bf16), same_run)
+    kernels = results / "bf16-mixed-eager-compile"
+    if kernels.is_dir() and _runs(kernels):
+        text += ("\n\nAt bf16-mixed with the same faster kernels on both sides, eager attention and every decoder layer "
+                 "compiled (`--attn eager --compile`; ours through `lightning_rlhf.callbacks.CompileLayers`, "
+                 "`scripts/bench/results/bf16-mixed-eager-compile/`):\n\n" + _table(_runs(kernels)))
     return text
 
 
@@ -96,7 +102,8 @@ def _table(runs: dict) -> str:
             check = r.get("first_loss_check")
             loss = "-" if not check else f"{check['ours']:.5f} / {check['trl']:.5f} ({'same' if check['ok'] else 'DIFFERENT'})"
             cmp_rows.append(
-                f"| {name} vs TRL {TRL[name]} | h{s['hidden']}/{s['layers']}L/V{s['vocab']}, {shape}, {'fp32' if s['precision'] == '32' else s['precision']} "
+                f"| {name} vs TRL {TRL[name]} | h{s['hidden']}/{s['layers']}L/V{s['vocab']}, {shape}, {'fp32' if s['precision'] == '32' else s['precision']}"
+                + (f", attn {s['attn']}" if s.get("attn") else "") + (", compiled layers" if s.get("compile") else "") + " "
                 f"| {f['ours']['tokens_per_s']:.0f} / {f['trl']['tokens_per_s']:.0f} (**{q['tokens_per_s']:.2f}x**"
                 + (f"; share_prompt off {r['ours_apart_over_trl']['tokens_per_s']:.2f}x" if "ours_apart_over_trl" in r else "")
                 + ") "

@@ -5,7 +5,9 @@ A job is ``{"task": sft|reward|dpo|grpo|rloo|ppo, "side": ours|ours_apart|trl, "
 with ``generation.dtype`` = ``cfg["sampler_dtype"]``; ``ours_shared``: GRPO / RLOO with
 ``share_prompt``, plus that ``generation.dtype`` when given; ``ours_packed``: reward model / DPO with
 ``padding_free``)
-(see ``common.py``). Trains ``warmup + steps`` optimiser steps, times each step, and prints one JSON
+(see ``common.py``). Offline tasks (SFT, reward model, DPO) also read ``cfg["attn"]`` (every model's
+``attn_implementation``) and ``cfg["compile"]`` (every decoder layer compiled in place; ours through
+``CompileLayers``), on both sides. Trains ``warmup + steps`` optimiser steps, times each step, and prints one JSON
 line: ``step_s`` (median timed step), ``step_times``, ``first_loss`` (loss of the first batch, before
 any update), ``peak_mib`` / ``peak_minus_import_mib`` (CPU RSS high-water mark; GPU allocator
 peak), and for the RL tasks ``phases`` (median seconds per step of generate / score / rest).
@@ -78,6 +80,7 @@ def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
     import lightning as L
     import torch
 
+    from lightning_rlhf.callbacks import CompileLayers
     from lightning_rlhf.data import RLHFDataModule
     from lightning_rlhf.stages import DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
     from lightning_rlhf.stages.common import OptimSpec
@@ -92,16 +95,19 @@ def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
     from lightning_rlhf.models import LoraSpec, ModelSpec
 
     lora = LoraSpec(r=16, alpha=32) if cfg.get("lora") else None
-    policy = ModelSpec(path=assets["policy"], lora=lora)
+    attn = cfg.get("attn")  # attn_implementation of the offline stages' models (train_kernels.py); None: transformers'
+    policy = ModelSpec(path=assets["policy"], lora=lora, attn_implementation=attn)
     if task == "sft":
         module, data = SFTModule(policy, optim=optim), assets["sft"]
     elif task == "reward":
-        module = RewardModule(assets["classifier"], optim=optim, share_prompt=cfg.get("share_prompt", True),
-                              padding_free=cfg.get("ours_packed", False))  # fmt: skip
+        module = RewardModule(ModelSpec(assets["classifier"], attn_implementation=attn), optim=optim,
+                              share_prompt=cfg.get("share_prompt", True), padding_free=cfg.get("ours_packed", False))  # fmt: skip
         data = assets["preference"]
     elif task == "dpo":
-        module = DPOModule(assets["policy"], reference=assets["reference"], optim=optim, loss_type="sigmoid", beta=0.1,
-                           share_prompt=cfg.get("share_prompt", True), padding_free=cfg.get("ours_packed", False))  # fmt: skip
+        module = DPOModule(ModelSpec(assets["policy"], attn_implementation=attn), optim=optim,
+                           reference=ModelSpec(assets["reference"], attn_implementation=attn), loss_type="sigmoid",
+                           beta=0.1, share_prompt=cfg.get("share_prompt", True),
+                           padding_free=cfg.get("ours_packed", False))  # fmt: skip
         data = assets["preference"]
     else:
         from lightning_rlhf.rollout import GenerationSpec
@@ -145,12 +151,19 @@ def ours(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
     trainer = L.Trainer(
         accelerator=cfg["device"], devices=1, precision=cfg["precision"], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[Timer()], max_epochs=1, limit_train_batches=n_steps, num_sanity_val_steps=0,
+        callbacks=[Timer()] + ([CompileLayers()] if cfg.get("compile") else []), max_epochs=1,
+        limit_train_batches=n_steps, num_sanity_val_steps=0,
         **({} if online else {"max_steps": n_steps}),
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
+    from transformers import PreTrainedModel
+
+    held = [m for model in module.held_models() for m in model.modules()]
+    models = [m for m in held if isinstance(m, PreTrainedModel)]
     return summary(times, cfg["warmup"], first.get("loss"), base_rss, cfg["device"],
-                   response_len=first["response_lens"][-1] if first.get("response_lens") else None)
+                   response_len=first["response_lens"][-1] if first.get("response_lens") else None,
+                   attn_implementations=sorted({m.config._attn_implementation for m in models}),
+                   compiled_layers=sum(getattr(m, "_compiled_call_impl", None) is not None for m in held))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ TRL
@@ -198,7 +211,7 @@ def trl_side(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
                 first["response_len"] = float(logs["completions/mean_length"])
 
     def load(path, cls=AutoModelForCausalLM):
-        return cls.from_pretrained(path, dtype=torch.float32)
+        return cls.from_pretrained(path, dtype=torch.float32, **({"attn_implementation": cfg["attn"]} if cfg.get("attn") else {}))
 
     def records(path):
         with open(path) as f:
@@ -234,7 +247,13 @@ def trl_side(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
             model=load(assets["policy"]), ref_model=load(assets["reference"]), args=args,
             train_dataset=records(assets["preference"]), processing_class=tok,
         )  # fmt: skip
-    elif task in ("grpo", "rloo"):
+    if task in ("sft", "reward", "dpo") and cfg.get("compile"):  # what CompileLayers does on our side
+        from lightning_rlhf.models.distributed import fsdp_units
+
+        for model in (trainer.model, getattr(trainer, "ref_model", None)):
+            for layer in fsdp_units(model) if model is not None else []:
+                layer.compile()
+    if task in ("grpo", "rloo"):
         from lightning_rlhf.demo.rewards import gold_reward
 
         timing = {"generate": 0.0, "score": 0.0}
@@ -287,7 +306,7 @@ def trl_side(task: str, cfg: dict, assets: dict, base_rss: float) -> dict:
         trainer.add_callback(PhaseTimer())
         trainer.train()
         return summary(times, cfg["warmup"], None, base_rss, cfg["device"], response_len=first.get("response_len"))
-    else:
+    elif task not in ("sft", "reward", "dpo"):
         raise ValueError(f"no TRL side for task {task!r}")
     trainer.add_callback(Timer())
     trainer.train()

@@ -1,15 +1,17 @@
 """The online stages' side effects as callbacks: ``PeriodicExport`` and ``SampleTable`` come from the
-module's options (old YAML keeps working) or from ``trainer.callbacks``; they count rollout steps."""
+module's options (old YAML keeps working) or from ``trainer.callbacks``; they count rollout steps.
+``CompileLayers``: the offline stages' decoder layers compiled in place, the same training."""
 
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightning_rlhf.callbacks import PeriodicExport, SampleTable
+from lightning_rlhf.callbacks import CompileLayers, PeriodicExport, SampleTable
 from lightning_rlhf.data import RLHFDataModule
-from lightning_rlhf.stages import GRPOModule
+from lightning_rlhf.stages import DPOModule, GRPOModule
 
 
 def alternate(prompts, completions, **_):
@@ -77,3 +79,45 @@ def test_under_the_fabric_runner_the_module_runs_its_callbacks(tiny_model_dir, t
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "step-2")
     for a, b in zip(exported.parameters(), m.policy.parameters(), strict=True):
         assert torch.equal(a, b.detach())
+
+
+class Losses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def dpo_fit(model_dir, tmp_path, callbacks=()) -> tuple[DPOModule, list[float]]:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "review item {i} .", "chosen": "it is great {"and good " * (i % 3)}.", '
+                             f'"rejected": "it is bad ."}}\n' for i in range(6)))  # fmt: skip
+    module = DPOModule(str(model_dir), reference=str(model_dir), optim={"learning_rate": 1e-2, "scheduler": "constant"})
+    losses = Losses()
+    t = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, max_steps=3, callbacks=[losses, *callbacks])  # fmt: skip
+    t.fit(module, RLHFDataModule(str(pairs), batch_size=2, shuffle=False))
+    return module, losses.losses
+
+
+@pytest.mark.slow
+def test_compile_layers_compiles_the_trained_and_the_frozen_layers_and_trains_the_same(tiny_model_dir, tmp_path):
+    eager, eager_losses = dpo_fit(tiny_model_dir, tmp_path)
+    compiled, compiled_losses = dpo_fit(tiny_model_dir, tmp_path, callbacks=[CompileLayers()])
+    layers = [m for model in compiled.held_models() for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert len(layers) == 4 and all(m._compiled_call_impl is not None for m in layers)  # policy's 2 + reference's 2
+    assert not any(m._compiled_call_impl is not None for model in eager.held_models() for m in model.modules())
+    assert len(compiled_losses) == 3 and compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert eager_losses[-1] < eager_losses[0]  # the steps trained
+    a, b = eager.exported_model().state_dict(), compiled.exported_model().state_dict()
+    assert a.keys() == b.keys()  # compiled in place: the same parameter names (checkpoints, export)
+    init = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    moved = torch.cat([(a[k] - init[k]).flatten() for k in a]).norm()
+    apart = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+    assert apart < 1e-3 * moved  # (here ~3e-5: inductor's kernels round differently from eager's)
+
+
+def test_compile_layers_refuses_an_online_stage(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="CompileLayers compiles the offline stages' models .* not GRPOModule's"):
+        fit(grpo(tiny_model_dir), tmp_path, steps=1, callbacks=[CompileLayers()])
