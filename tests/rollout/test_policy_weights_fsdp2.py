@@ -50,6 +50,7 @@ WORKER = textwrap.dedent(
             for n, w in got.items():
                 assert type(w).__name__ == "Tensor", (n, type(w))
                 torch.testing.assert_close(w, expected[n], rtol=0, atol=1e-6, msg=n)
+        dist.barrier()  # both ranks past their last gather before either tears gloo down (it can abort at exit)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
